@@ -1,0 +1,3 @@
+from streambus.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The ``streambus`` command line: a thin layer over the library for shell-driven agents.
+
+Exit codes: 0 done, 1 unexpected error, 2 timeout (wait deadline or ACK timeout), 3 a watched
+peer is dead, 4 the bus cannot be reached, 64 invalid input (nothing was written),
+128+N ended by signal N (the wait is recorded as cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NoReturn
+
+import anyio
+import msgspec
+
+from streambus import __version__
+from streambus.bus import Bus, connect
+from streambus.config import ENV_NAMESPACE, ENV_URL, Settings, parse_duration
+from streambus.errors import (
+    AckTimeout,
+    BusUnavailable,
+    InvalidInput,
+    StreambusError,
+    WaitTimeout,
+)
+from streambus.keys import SwarmKeys, validate_id
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_TIMEOUT: Final = 2
+EXIT_PEER_DEAD: Final = 3
+EXIT_UNAVAILABLE: Final = 4
+EXIT_USAGE: Final = 64
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage; 2 means timeout here, so bad usage exits 64."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON payload: {exc}") from None
+
+
+def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after the command name.
+
+    On subcommands they default to SUPPRESS, so an option given before the command name is not
+    overwritten by the subcommand's default.
+    """
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--redis-url", default=default(None),
+                        help=f"Redis/Valkey URL (env {ENV_URL}; default: the embedded server)")
+    parser.add_argument("--namespace", default=default(None),
+                        help=f"key namespace (env {ENV_NAMESPACE}; default: streambus)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log state transitions")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _add_common(common, defaults=False)
+
+    parser = _Parser(prog="streambus", description="Blocking coordination on Redis Streams.")
+    parser.add_argument("--version", action="version", version=f"streambus {__version__}")
+    _add_common(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("signal", parents=[common], help="publish a signal on a channel")
+    p.add_argument("swarm")
+    p.add_argument("channel")
+    p.add_argument("--sender", default="")
+    p.add_argument("--payload", type=_json, default=None, help="JSON payload")
+    p.add_argument("--signal-id", default=None, help="idempotency key (default: random)")
+    p.add_argument("--await-ack", action="append", default=[], metavar="COORDINATOR",
+                   help="wait for this coordinator's ACK (repeatable)")
+    p.add_argument("--ack-timeout", type=_duration, default=30.0)
+
+    p = sub.add_parser("wait", parents=[common], help="block until a signal arrives")
+    p.add_argument("swarm")
+    p.add_argument("coordinator")
+    p.add_argument("channel")
+    p.add_argument("--timeout", type=_duration, default=30 * 60.0)
+    p.add_argument("--iteration", type=int, default=0, help="iteration (default: previous + 1)")
+
+    p = sub.add_parser("status", parents=[common], help="coordinators and their blocking state")
+    p.add_argument("swarm")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("server", parents=[common], help="run the embedded server in the foreground")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--stop", action="store_true", help="stop the background embedded server")
+
+    p = sub.add_parser("demo", parents=[common], help="a small swarm: waiters, a signal, ACKs")
+    p.add_argument("--coordinators", type=int, default=3)
+    p.add_argument("--timeout", type=_duration, default=30.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        _validate(args)
+    except (_UsageError, InvalidInput) as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        if args.command == "server":
+            return _server(args)
+        return anyio.run(_run_with_signals, _COMMANDS[args.command], args)
+    except InvalidInput as exc:
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WaitTimeout as exc:
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except BusUnavailable as exc:
+        print(f"streambus: bus unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except StreambusError as exc:
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except _Signalled as exc:
+        print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check every id before anything connects, so invalid input writes nothing."""
+    settings = Settings.resolve(args.redis_url, args.namespace)
+    if swarm := getattr(args, "swarm", None):
+        keys = SwarmKeys.for_swarm(settings.namespace, swarm)
+        if channel := getattr(args, "channel", None):
+            keys.channel(channel)
+    for name in ("coordinator", "sender", "signal_id"):
+        if value := getattr(args, name, None):
+            validate_id(value, name.replace("_", " "))
+    for coordinator in getattr(args, "await_ack", []):
+        validate_id(coordinator, "coordinator id")
+    for name in ("timeout", "ack_timeout"):
+        if (value := getattr(args, name, None)) is not None and value < 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must not be negative")
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+Command = Callable[[Bus, argparse.Namespace], Awaitable[int]]
+
+
+async def _run_with_signals(command: Command, args: argparse.Namespace) -> int:
+    """Run ``command``; SIGINT/SIGTERM cancel it (so waits record ``cancelled``)."""
+    received: list[int] = []
+    failure: StreambusError | None = None
+    code = EXIT_ERROR
+    async with connect(args.redis_url, namespace=args.namespace) as bus, \
+            anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    received.append(signum)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch_signals)
+        try:
+            code = await command(bus, args)
+        except StreambusError as exc:
+            failure = exc  # raised below, outside the task group, so not as an ExceptionGroup
+        tg.cancel_scope.cancel()
+    if received:
+        raise _Signalled(received[0])
+    if failure is not None:
+        raise failure
+    return code
+
+
+def _print(obj: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def _signal(bus: Bus, args: argparse.Namespace) -> int:
+    try:
+        published = await bus.publish(
+            args.swarm, args.channel, args.payload, sender=args.sender,
+            signal_id=args.signal_id, await_acks=args.await_ack, ack_timeout=args.ack_timeout,
+        )
+    except AckTimeout as exc:
+        _print({"signal_id": exc.signal_id, "acked_by": list(exc.acked_by),
+                "missing_acks": list(exc.missing), "error": "ack_timeout"})
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    _print(published.as_dict())
+    return EXIT_OK
+
+
+async def _wait(bus: Bus, args: argparse.Namespace) -> int:
+    delivery = await bus.wait_for(args.swarm, args.coordinator, args.channel,
+                                  timeout=args.timeout, iteration=args.iteration)
+    _print(delivery.as_dict())
+    return EXIT_OK
+
+
+async def _status(bus: Bus, args: argparse.Namespace) -> int:
+    rows = await bus.status(args.swarm)
+    if args.json:
+        _print({"swarm": args.swarm, "coordinators": rows})
+        return EXIT_OK
+    if not rows:
+        print(f"swarm {args.swarm}: no coordinators")
+        return EXIT_OK
+    print(f"{'COORDINATOR':24} {'STATE':12} {'CHANNEL':24} {'ITER':>4} {'REMAINING':>10}")
+    for row in rows:
+        remaining = f"{row['remaining_s']:.1f}s" if "remaining_s" in row else "-"
+        print(f"{row.get('coordinator', '?'):24} {row.get('state', '?'):12} "
+              f"{row.get('channel', '-'):24} {row.get('iteration', 0):>4} {remaining:>10}")
+    return EXIT_OK
+
+
+async def _demo(bus: Bus, args: argparse.Namespace) -> int:
+    from streambus.demo import run_demo
+
+    return await run_demo(bus, coordinators=args.coordinators, timeout=args.timeout)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from streambus.server import ServerInfo, run_foreground, state_dir, stop_server
+
+    if args.stop:
+        info = stop_server()
+        print(f"stopped embedded server {info.url_redacted} (pid {info.pid})" if info
+              else "no embedded server recorded")
+        return EXIT_OK
+    def ready(info: ServerInfo) -> None:
+        print(f"embedded server listening on {info.url_redacted} (pid {info.pid}, "
+              f"data in {state_dir()}); Ctrl-C stops it", flush=True)
+
+    return run_foreground(port=args.port, on_ready=ready)
+
+
+_COMMANDS: Final[dict[str, Command]] = {
+    "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

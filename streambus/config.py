@@ -1,0 +1,46 @@
+"""Settings: where the bus is and how long things may take, from arguments or the environment."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from streambus.errors import InvalidInput
+from streambus.keys import validate_id
+
+ENV_URL: Final = "STREAMBUS_REDIS_URL"
+ENV_NAMESPACE: Final = "STREAMBUS_NAMESPACE"
+DEFAULT_NAMESPACE: Final = "streambus"
+DEFAULT_WAIT_TIMEOUT_S: Final = 30 * 60.0
+
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>ms|s|m|h)?")
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``1.5``, ``500ms``, ``5s``, ``2m`` or ``1h`` into seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise InvalidInput(
+            f"invalid duration {text!r}: use seconds (1.5) or a suffix (500ms, 5s, 2m, 1h)"
+        )
+    return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Where the bus is. ``redis_url=None`` means the embedded server of this user."""
+
+    redis_url: str | None = None
+    namespace: str = DEFAULT_NAMESPACE
+
+    @classmethod
+    def resolve(cls, redis_url: str | None = None, namespace: str | None = None) -> Settings:
+        """Arguments first, then ``STREAMBUS_REDIS_URL`` / ``STREAMBUS_NAMESPACE``."""
+        url = redis_url or os.environ.get(ENV_URL) or None
+        ns = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise InvalidInput(f"invalid Redis URL {url!r}: expected redis://host:port[/db]")
+        return cls(redis_url=url, namespace=validate_id(ns, "namespace"))

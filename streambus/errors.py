@@ -1,0 +1,68 @@
+"""The exceptions streambus raises.
+
+Every Redis error is translated into one of these inside :mod:`streambus.store`, and nowhere
+else; code above the store never sees a ``redis.exceptions`` class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StreambusError(Exception):
+    """Base class of every error streambus raises on purpose."""
+
+
+class InvalidInput(StreambusError, ValueError):
+    """A caller passed something streambus cannot accept. Nothing was written."""
+
+
+class InvalidId(InvalidInput):
+    """An id (swarm, channel, coordinator, signal, namespace) breaks the id rules."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """An encoded payload is bigger than the configured limit."""
+
+
+class MalformedEvent(StreambusError):
+    """A stream entry could not be decoded as a streambus event (a poison entry)."""
+
+    def __init__(self, reason: str, fields: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fields = fields or {}
+
+
+class BusUnavailable(StreambusError, ConnectionError):
+    """The Redis server could not be reached (or stayed unreachable past a retry budget)."""
+
+
+class EmbeddedServerError(BusUnavailable):
+    """The embedded server could not be started or found."""
+
+
+class WaitTimeout(StreambusError, TimeoutError):
+    """A wait reached its deadline (in server time) without a signal."""
+
+    def __init__(self, coordinator: str, channel: str, deadline_ms: int) -> None:
+        super().__init__(
+            f"coordinator {coordinator!r} timed out waiting on {channel!r} "
+            f"(deadline {deadline_ms} ms server time)"
+        )
+        self.coordinator = coordinator
+        self.channel = channel
+        self.deadline_ms = deadline_ms
+
+
+class AckTimeout(StreambusError, TimeoutError):
+    """Not every awaited coordinator acknowledged a signal in time."""
+
+    def __init__(self, signal_id: str, acked_by: Sequence[str], missing: Sequence[str]) -> None:
+        super().__init__(
+            f"signal {signal_id!r}: no ACK from {', '.join(missing)} "
+            f"(acknowledged by {', '.join(acked_by) or 'nobody'})"
+        )
+        self.signal_id = signal_id
+        self.acked_by = tuple(acked_by)
+        self.missing = tuple(missing)

@@ -1,0 +1,84 @@
+"""Every Redis key streambus uses is built here, from validated ids, and nowhere else.
+
+All keys of one swarm share the hash tag ``{<swarm>}`` so that scripts and multi-stream reads
+touching them stay in one Redis Cluster slot. Ids are restricted to letters, digits, ``.``,
+``_`` and ``-`` (1-64 characters, starting with a letter or digit): no ``{``/``}`` that would
+move the slot, no glob characters that would leak into ``SCAN MATCH`` or ACL patterns, no ``:``
+that would make two different keys collide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from streambus.errors import InvalidId
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a valid id, else raise :class:`InvalidId` naming ``what``."""
+    if not isinstance(value, str) or _ID.fullmatch(value) is None:
+        raise InvalidId(
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmKeys:
+    """The keys of one swarm in one namespace. Build with :meth:`for_swarm`."""
+
+    namespace: str
+    swarm: str
+
+    @classmethod
+    def for_swarm(cls, namespace: str, swarm: str) -> SwarmKeys:
+        return cls(validate_id(namespace, "namespace"), validate_id(swarm, "swarm"))
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:{{{self.swarm}}}"
+
+    def channel(self, channel: str) -> str:
+        """Stream of signals on one channel; every waiter reads it through its own group."""
+        return f"{self.prefix}:ch:{validate_id(channel, 'channel')}"
+
+    @property
+    def acks(self) -> str:
+        """Stream of Ack events of the whole swarm (senders block on it for ACKs)."""
+        return f"{self.prefix}:acks"
+
+    def acked(self, signal_id: str) -> str:
+        """Hash coordinator -> ack stream id for one signal: who acknowledged it."""
+        return f"{self.prefix}:acked:{validate_id(signal_id, 'signal id')}"
+
+    def dedupe(self, signal_id: str) -> str:
+        """String holding the stream id a signal id was published as (24 h idempotency)."""
+        return f"{self.prefix}:dedupe:{validate_id(signal_id, 'signal id')}"
+
+    @property
+    def events(self) -> str:
+        """Stream of blocking lifecycle events (started, signal received, ended)."""
+        return f"{self.prefix}:events"
+
+    def state(self, coordinator: str) -> str:
+        """Hash with one coordinator's blocking state."""
+        return f"{self.prefix}:state:{validate_id(coordinator, 'coordinator id')}"
+
+    @property
+    def coordinators(self) -> str:
+        """Sorted set of coordinator ids scored by their last state change (server ms)."""
+        return f"{self.prefix}:coordinators"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of poison entries moved aside, with the reason and their original fields."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def counters(self) -> str:
+        """Hash of swarm-wide counters (dead letters, duplicates)."""
+        return f"{self.prefix}:counters"

@@ -1,0 +1,48 @@
+-- Start (or resume) a coordinator's blocking wait on a channel, in server time.
+-- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset
+-- ARGV[1] coordinator, ARGV[2] channel, ARGV[3] timeout (ms), ARGV[4] state ttl (s),
+-- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- The coordinator's own group, created at the start of the stream: a signal published before
+-- the coordinator ever waited is still delivered to it.
+local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[2], ARGV[1], '0', 'MKSTREAM')
+if not ok then
+  local msg = type(err) == 'table' and err.err or tostring(err)
+  if not string.find(msg, 'BUSYGROUP', 1, true) then
+    return redis.error_reply(msg)
+  end
+end
+
+local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iteration', 'started_ms')
+-- A coordinator that restarts and waits again on the same channel keeps its deadline.
+local resumed = st[1] == 'waiting' and st[2] == ARGV[2] and st[3] ~= false
+local deadline, iteration, started
+if resumed then
+  deadline = tonumber(st[3])
+  iteration = tonumber(st[4]) or 1
+  started = tonumber(st[5]) or now
+else
+  iteration = tonumber(ARGV[5])
+  if iteration == 0 then
+    iteration = (tonumber(st[4]) or 0) + 1
+  end
+  deadline = now + tonumber(ARGV[3])
+  started = now
+end
+
+redis.call('HSET', KEYS[1],
+  'coordinator', ARGV[1], 'state', 'waiting', 'channel', ARGV[2],
+  'started_ms', string.format('%d', started), 'deadline_ms', string.format('%d', deadline),
+  'iteration', iteration, 'updated_ms', string.format('%d', now))
+redis.call('HDEL', KEYS[1], 'ended_ms', 'outcome')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
+
+local event = cjson.encode({
+  type = 'blocking_started', v = 1, coordinator = ARGV[1], channel = ARGV[2],
+  iteration = iteration, started_ms = started, deadline_ms = deadline, resumed = resumed,
+})
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', ARGV[6], event)
+return {now, deadline, iteration, resumed and 1 or 0}

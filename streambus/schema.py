@@ -1,0 +1,210 @@
+"""The events streambus appends to Redis Streams, and their one encoder and decoder.
+
+Every stream entry carries one event, encoded as JSON in the entry's ``e`` field. Events are a
+tagged union (the ``type`` field); every event carries a schema version ``v``.
+
+Schema-evolution rules (tests decode the fixtures in ``tests/fixtures/events`` to hold us to
+them):
+
+1. A new field must have a default, so entries written before it still decode.
+2. A field never changes type and is never renamed; retire it by leaving it unused.
+3. Decoders ignore fields they do not know, so an older reader accepts a newer writer's entry.
+4. ``v`` is bumped when the meaning of an event changes; readers never reject a higher ``v``.
+5. A ``type`` tag is never reused for a different event.
+
+An event's server time is its stream id (``<ms>-<seq>``, taken from the server clock by
+``XADD *``), so events carry no wall-clock timestamps of their own writers: clock skew between
+machines cannot reach them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from streambus.errors import MalformedEvent
+
+SCHEMA_VERSION: Final = 1
+FIELD: Final = b"e"
+"""The stream entry field that holds the encoded event."""
+
+Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class Outcome(enum.StrEnum):
+    """How a blocking wait ended."""
+
+    SIGNALED = "signaled"
+    TIMEOUT = "timeout"
+    PEER_DEAD = "peer_dead"
+    CANCELLED = "cancelled"
+    BUS_UNAVAILABLE = "bus_unavailable"
+    FAILED = "failed"
+
+
+class BlockingState(enum.StrEnum):
+    """The state recorded in a coordinator's blocking-state hash."""
+
+    WAITING = "waiting"
+    SIGNALED = "signaled"
+    TIMED_OUT = "timed_out"
+    PEER_DEAD = "peer_dead"
+    CANCELLED = "cancelled"
+    BUS_UNAVAILABLE = "bus_unavailable"
+    FAILED = "failed"
+
+    @classmethod
+    def after(cls, outcome: Outcome) -> BlockingState:
+        return _STATE_AFTER[outcome]
+
+
+_STATE_AFTER: Final = {
+    Outcome.SIGNALED: BlockingState.SIGNALED,
+    Outcome.TIMEOUT: BlockingState.TIMED_OUT,
+    Outcome.PEER_DEAD: BlockingState.PEER_DEAD,
+    Outcome.CANCELLED: BlockingState.CANCELLED,
+    Outcome.BUS_UNAVAILABLE: BlockingState.BUS_UNAVAILABLE,
+    Outcome.FAILED: BlockingState.FAILED,
+}
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every event. ``v`` is the schema version the writer used."""
+
+    v: int = SCHEMA_VERSION
+
+
+class Signal(Event, tag="signal", frozen=True, kw_only=True):
+    """A completion signal published on a channel. ``payload`` is any JSON value."""
+
+    signal_id: str
+    swarm: str
+    channel: str
+    sender: str = ""
+    payload: Any = None
+    trace: dict[str, str] = {}
+    """W3C trace-context carrier of the publisher (``traceparent``/``tracestate``)."""
+
+
+class Ack(Event, tag="ack", frozen=True, kw_only=True):
+    """A coordinator received a signal. The entry's stream id is the server time of receipt."""
+
+    coordinator: str
+    signal_id: str
+    channel: str
+    stream_id: str
+    iteration: int
+
+
+class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):
+    """A coordinator is alive."""
+
+    coordinator: str
+    seq: int = 0
+    interval_ms: int = 0
+
+
+class RetryRequest(Event, tag="retry_request", frozen=True, kw_only=True):
+    """A validator asks a (blocked) coordinator to redo work."""
+
+    coordinator: str
+    request_id: str
+    requested_by: str = ""
+    reason: str = ""
+    blockers: list[str] = []
+    payload: Any = None
+    iteration: int = 0
+
+
+class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
+    """A Loop 2 validator's verdict."""
+
+    validator_id: str
+    validator_type: str
+    confidence: Confidence
+    vote: Literal["PASS", "FAIL"]
+    reasoning: str = ""
+    blockers: list[str] = []
+    recommendations: list[str] = []
+    round: int = 1
+
+
+class BlockingStarted(Event, tag="blocking_started", frozen=True, kw_only=True):
+    """A coordinator began (or, with ``resumed``, re-entered) a blocking wait."""
+
+    coordinator: str
+    channel: str
+    iteration: int
+    started_ms: int
+    deadline_ms: int
+    resumed: bool = False
+
+
+class SignalReceived(Event, tag="signal_received", frozen=True, kw_only=True):
+    """A waiting coordinator received (and acknowledged) a signal."""
+
+    coordinator: str
+    channel: str
+    signal_id: str
+    stream_id: str
+    iteration: int
+
+
+class BlockingEnded(Event, tag="blocking_ended", frozen=True, kw_only=True):
+    """A blocking wait ended with an outcome."""
+
+    coordinator: str
+    channel: str
+    iteration: int
+    outcome: Outcome
+    signal_id: str = ""
+    detail: str = ""
+
+
+AnyEvent = (
+    Signal
+    | Ack
+    | Heartbeat
+    | RetryRequest
+    | Verdict
+    | BlockingStarted
+    | SignalReceived
+    | BlockingEnded
+)
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(AnyEvent)
+
+
+def encode(event: Event) -> bytes:
+    """Encode one event as the bytes stored in an entry's ``e`` field."""
+    return _encoder.encode(event)
+
+
+def decode(raw: bytes) -> AnyEvent:
+    """Decode one encoded event; any failure is a :class:`MalformedEvent`."""
+    try:
+        event: AnyEvent = _decoder.decode(raw)
+        return event
+    except msgspec.DecodeError as exc:
+        raise MalformedEvent(f"undecodable event: {exc}") from None
+
+
+def decode_fields(fields: dict[bytes, bytes] | None) -> AnyEvent:
+    """Decode a stream entry's field map; a nil body (entry trimmed while pending) is poison."""
+    if fields is None:
+        raise MalformedEvent("entry has no body (deleted or trimmed while pending)")
+    raw = fields.get(FIELD)
+    if raw is None:
+        raise MalformedEvent(f"entry has no {FIELD.decode()!r} field", fields)
+    try:
+        return decode(raw)
+    except MalformedEvent as exc:
+        raise MalformedEvent(exc.reason, fields) from None
+
+
+def stream_id_ms(stream_id: str) -> int:
+    """The server time, in ms since the epoch, encoded in a stream id."""
+    return int(stream_id.partition("-")[0])

@@ -1,0 +1,405 @@
+"""The store: the only module that talks to Redis.
+
+Everything above this module speaks streambus's language (events, ids, outcomes); everything
+below it is redis-py. Redis errors are translated into :mod:`streambus.errors` here and nowhere
+else. redis-py's own command retries are switched off: a retried ``XADD`` can append twice and a
+retried blocking read can strand entries in the PEL (see ``docs/failure-behaviour.md``), so
+retrying is decided above the store, where it is known to be safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from streambus.errors import BusUnavailable, StreambusError
+from streambus.keys import SwarmKeys
+from streambus.schema import FIELD
+
+log = logging.getLogger(__name__)
+
+_LUA_DIR: Final = Path(__file__).parent / "lua"
+Entry = tuple[str, dict[bytes, bytes] | None]
+"""A stream entry: its id and its fields (``None`` when the entry was trimmed while pending)."""
+
+
+class GroupMissing(StreambusError):
+    """A consumer group (or its stream) is gone: deleted, or lost in a restart without AOF."""
+
+
+class _Unblocked(StreambusError):
+    """A blocking read was interrupted with ``CLIENT UNBLOCK``."""
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Translate redis-py exceptions into streambus's own. The only place that does so."""
+    try:
+        yield
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise BusUnavailable(f"Redis unreachable: {exc}") from exc
+    except rex.ResponseError as exc:
+        raise _translate_response(exc) from exc
+
+
+def _translate_response(exc: rex.ResponseError) -> StreambusError:
+    message = str(exc)
+    if message.startswith("NOGROUP"):
+        return GroupMissing(message)
+    if message.startswith("UNBLOCKED"):
+        return _Unblocked(message)
+    if message.startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY")):
+        return BusUnavailable(f"Redis not ready: {message}")
+    return StreambusError(f"Redis error: {message}")
+
+
+def _decode_entries(raw: Any) -> list[Entry]:
+    return [(entry_id.decode(), fields) for entry_id, fields in raw or ()]
+
+
+def _first_stream_entries(reply: Any) -> list[Entry]:
+    """Entries of the one stream an ``XREADGROUP``/``XREAD`` named (RESP2 reply shape)."""
+    if not reply:
+        return []
+    return _decode_entries(reply[0][1])
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStart:
+    """What ``begin_wait`` recorded: server now, the deadline and iteration of the wait."""
+
+    now_ms: int
+    deadline_ms: int
+    iteration: int
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRead:
+    """One ``XREADGROUP`` to run in a batch: read ``group``'s pending entries or new ones."""
+
+    stream: str
+    group: str
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Everything the ``receive`` script needs to acknowledge one delivered signal."""
+
+    keys: SwarmKeys
+    coordinator: str
+    channel: str
+    stream_id: str
+    signal_id: str
+    ack_event: bytes
+    received_event: bytes
+    ended_event: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Retention and size settings the scripts apply."""
+
+    state_ttl_s: int = 24 * 3600
+    dedupe_ttl_s: int = 24 * 3600
+    channel_retention_ms: int = 24 * 3600 * 1000
+    events_maxlen: int = 100_000
+
+
+class Store:
+    """A connection to one Redis server, and the handful of operations streambus needs."""
+
+    def __init__(self, url: str, *, limits: Limits, max_connections: int = 32) -> None:
+        self.url = url
+        self.limits = limits
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=None,
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        # redis-py's reply types are unions too wide to be useful; replies are converted to
+        # our own types right here, so the client is typed as Any on purpose.
+        self._redis: Any = aioredis.Redis.from_pool(self._pool)
+        self._scripts = {
+            name: self._redis.register_script((_LUA_DIR / f"{name}.lua").read_text())
+            for name in ("publish", "begin_wait", "receive", "end_wait")
+        }
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Store {self.url_redacted!r}{' closed' if self._closed else ''}>"
+
+    @property
+    def url_redacted(self) -> str:
+        """The URL with any password replaced, fit for logs and errors."""
+        scheme, sep, rest = self.url.partition("://")
+        userinfo, at, hostpart = rest.rpartition("@")
+        if not at:
+            return self.url
+        user = userinfo.partition(":")[0]
+        return f"{scheme}{sep}{user}:***@{hostpart}"
+
+    async def aclose(self) -> None:
+        """Close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+        with contextlib.suppress(Exception):
+            await self._pool.aclose()
+
+    def blocking_reader(self, *, block_ms: int) -> BlockingReader:
+        """A reader with a connection of its own, for ``XREAD BLOCK``."""
+        return BlockingReader(self.url, block_ms=block_ms)
+
+    # -- plain commands ------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        with _translated():
+            await self._redis.ping()
+
+    async def time_ms(self) -> int:
+        """Server time in ms since the epoch (``TIME``): the one clock streambus trusts."""
+        with _translated():
+            seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def server_info(self) -> dict[str, str]:
+        with _translated():
+            info = await self._redis.info("server")
+        return {k: str(v) for k, v in info.items()}
+
+    async def unblock(self, client_id: int) -> bool:
+        """Interrupt a client blocked in ``XREAD`` (it returns as if timed out)."""
+        with _translated():
+            return bool(await self._redis.client_unblock(client_id))
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        with _translated():
+            raw = await self._redis.hgetall(key)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def coordinator_states(self, keys: SwarmKeys) -> list[dict[str, str]]:
+        """Blocking-state hashes of every coordinator the swarm's index still lists."""
+        with _translated():
+            ids = await self._redis.zrange(keys.coordinators, 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for coordinator in ids:
+                    pipe.hgetall(keys.state(coordinator.decode()))
+                rows = await pipe.execute()
+        return [{k.decode(): v.decode() for k, v in row.items()} for row in rows if row]
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create ``group`` at the start of ``stream`` (and the stream) unless it exists."""
+        with _translated():
+            try:
+                await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
+            except rex.ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+
+    async def acks_snapshot(self, keys: SwarmKeys, signal_id: str) -> tuple[str, dict[str, str]]:
+        """The acks stream's last id, then who acknowledged ``signal_id`` (probe first)."""
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(keys.acks, count=1)
+                pipe.hgetall(keys.acked(signal_id))
+                last, acked = await pipe.execute()
+        last_id = last[0][0].decode() if last else "0-0"
+        return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+
+    async def read_range(self, stream: str, start: str = "-", count: int = 1000) -> list[Entry]:
+        with _translated():
+            raw = await self._redis.xrange(stream, min=start, count=count)
+        return _decode_entries(raw)
+
+    # -- scripts ---------------------------------------------------------------------------------
+
+    async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes) -> tuple[
+        str, bool
+    ]:
+        """Append a signal unless its id was published in the last 24 h: ``(stream_id, dup)``."""
+        with _translated():
+            dup, stream_id = await self._scripts["publish"](
+                keys=[keys.dedupe(signal_id), keys.channel(channel)],
+                args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD],
+            )
+        return stream_id.decode(), bool(dup)
+
+    async def begin_wait(
+        self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int
+    ) -> WaitStart:
+        """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
+        with _translated():
+            now, deadline, iteration, resumed = await self._scripts["begin_wait"](
+                keys=[keys.state(coordinator), keys.channel(channel), keys.events,
+                      keys.coordinators],
+                args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
+                      self.limits.events_maxlen],
+            )
+        return WaitStart(int(now), int(deadline), int(iteration), bool(resumed))
+
+    async def end_wait(
+        self,
+        keys: SwarmKeys,
+        coordinator: str,
+        channel: str,
+        iteration: int,
+        state: str,
+        ended_event: bytes,
+    ) -> bool:
+        """Record how a wait ended, if it is still the open wait. False: already ended."""
+        with _translated():
+            changed = await self._scripts["end_wait"](
+                keys=[keys.state(coordinator), keys.events, keys.coordinators],
+                args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
+                      self.limits.events_maxlen],
+            )
+        return bool(changed)
+
+    async def receive_many(self, receipts: Sequence[Receipt]) -> list[str | BaseException]:
+        """Acknowledge delivered signals in one round trip; per receipt the Ack's stream id."""
+        if not receipts:
+            return []
+        script = self._scripts["receive"]
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for r in receipts:
+                    await script(
+                        keys=[r.keys.channel(r.channel), r.keys.acks, r.keys.acked(r.signal_id),
+                              r.keys.state(r.coordinator), r.keys.events, r.keys.coordinators],
+                        args=[r.coordinator, r.stream_id, r.ack_event, r.received_event,
+                              r.ended_event, FIELD, self.limits.state_ttl_s,
+                              self.limits.events_maxlen, self.limits.dedupe_ttl_s],
+                        client=pipe,
+                    )
+                replies = await pipe.execute(raise_on_error=False)
+        return [_reply_or_error(reply, lambda v: cast(bytes, v).decode()) for reply in replies]
+
+    async def read_groups(
+        self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
+    ) -> tuple[list[str], list[list[Entry] | BaseException]]:
+        """One round trip: the last id of each ``probes`` stream, then each group read.
+
+        The probes run first, so an entry appended after a probe is either returned by a group
+        read or newer than the probed id; a blocking ``XREAD`` from the probed id cannot miss it.
+        """
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in probes:
+                    pipe.xrevrange(stream, count=1)
+                for read in reads:
+                    pipe.xreadgroup(
+                        read.group, read.group, {read.stream: "0" if read.pending else ">"},
+                        count=1,
+                    )
+                replies = await pipe.execute(raise_on_error=False)
+        last_ids = []
+        for reply in replies[: len(probes)]:
+            if isinstance(reply, Exception):
+                raise _as_streambus(reply)
+            last_ids.append(reply[0][0].decode() if reply else "0-0")
+        reads_out = [
+            _reply_or_error(reply, _first_stream_entries) for reply in replies[len(probes):]
+        ]
+        return last_ids, reads_out
+
+    async def dead_letter(
+        self, keys: SwarmKeys, source: str, group: str, entry: Entry, reason: str
+    ) -> None:
+        """Move a poison entry aside: copy it with the reason, then acknowledge it at the source."""
+        entry_id, fields = entry
+        record: dict[str | bytes, str | bytes] = {
+            "reason": reason, "source": source, "source_id": entry_id, "group": group,
+        }
+        for name, value in (fields or {}).items():
+            record[b"orig." + name] = value
+        with _translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(keys.dead_letters, cast(Any, record), maxlen=self.limits.events_maxlen,
+                          approximate=True)
+                pipe.hincrby(keys.counters, "dead_letters", 1)
+                pipe.xack(source, group, entry_id)
+                await pipe.execute()
+
+
+def _as_streambus(exc: BaseException) -> BaseException:
+    if isinstance(exc, rex.ResponseError):
+        return _translate_response(exc)
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+        return BusUnavailable(f"Redis unreachable: {exc}")
+    return exc
+
+
+def _reply_or_error(reply: Any, convert: Any) -> Any:
+    if isinstance(reply, BaseException):
+        return _as_streambus(reply)
+    return convert(reply)
+
+
+class BlockingReader:
+    """One dedicated connection for ``XREAD BLOCK``, interruptible with ``CLIENT UNBLOCK``.
+
+    ``BLOCK`` stays well below the socket timeout: otherwise the client would time out first
+    and drop a connection the server may still deliver on.
+    """
+
+    def __init__(self, url: str, *, block_ms: int) -> None:
+        self.block_ms = block_ms
+        self._redis: Any = aioredis.Redis.from_url(
+            url,
+            single_connection_client=True,
+            socket_timeout=block_ms / 1000 + 3.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.client_id: int | None = None
+
+    async def connect(self) -> int:
+        """(Re)connect and learn this connection's client id, for ``CLIENT UNBLOCK``."""
+        with _translated():
+            self.client_id = int(await self._redis.client_id())
+        return self.client_id
+
+    async def read(self, cursors: Mapping[str, str]) -> dict[str, list[Entry]]:
+        """Block until any stream has entries after its cursor, or the block time passes."""
+        try:
+            with _translated():
+                reply = await self._redis.xread(dict(cursors), block=self.block_ms)
+        except _Unblocked:
+            return {}
+        except BusUnavailable:
+            self.client_id = None
+            raise
+        out: dict[str, list[Entry]] = {}
+        for stream, entries in reply or ():
+            out[stream.decode()] = _decode_entries(entries)
+        return out
+
+    async def aclose(self) -> None:
+        """Close the connection. Safe to call twice."""
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_store(url: str, *, limits: Limits | None = None) -> AsyncIterator[Store]:
+    store = Store(url, limits=limits or Limits())
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import streambus
+from streambus.bus import Bus
+from tests.servers import ServerProcess, server_binaries
+
+SERVER_KINDS = server_binaries()
+
+
+@pytest.fixture(scope="session", params=sorted(SERVER_KINDS))
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[ServerProcess]:
+    """One server per kind for the session; tests isolate themselves with a namespace."""
+    kind: str = request.param
+    server = ServerProcess(SERVER_KINDS[kind], tmp_path_factory.mktemp(kind)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(shared_server: ServerProcess) -> str:
+    return shared_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def bus(redis_url: str, namespace: str) -> AsyncIterator[Bus]:
+    async with streambus.connect(redis_url, namespace=namespace) as connected:
+        yield connected
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A Valkey of this test's own, with AOF on, for tests that kill/freeze/restart it."""
+    server = ServerProcess(server_binaries()["valkey"], tmp_path / "valkey", appendonly=True)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.thaw()  # a test may end with the server frozen
+    server.stop()

@@ -1,0 +1,154 @@
+"""Publishing, waiting and ACKs against real servers: the plan's scenarios 1, 2 and 5."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from streambus import AckTimeout, InvalidId, PayloadTooLarge, WaitTimeout
+from streambus.bus import Bus, Delivery
+from streambus.schema import BlockingEnded, SignalReceived, decode_fields
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_scenario_1_two_waiters_both_receive_one_signal(bus: Bus) -> None:
+    """A and B block, C signals, both return with the same signal and C sees both ACKs."""
+    results: dict[str, Delivery] = {}
+
+    async def wait(name: str) -> None:
+        results[name] = await bus.wait_for("s1", name, "loop2-done", timeout=10)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait, "coord-a")
+        tg.start_soon(wait, "coord-b")
+        await _until_state(bus, "s1", {"coord-a": "waiting", "coord-b": "waiting"})
+        published = await bus.publish("s1", "loop2-done", {"ok": True}, sender="coord-c",
+                                      await_acks=["coord-a", "coord-b"], ack_timeout=10)
+    assert published.acked_by == ("coord-a", "coord-b")
+    assert not published.duplicate
+    for name in ("coord-a", "coord-b"):
+        assert results[name].signal.signal_id == published.signal_id
+        assert results[name].signal.payload == {"ok": True}
+        assert results[name].signal.sender == "coord-c"
+        assert results[name].stream_id == published.stream_id
+    states = {row["coordinator"]: row["state"] for row in await bus.status("s1")}
+    assert states == {"coord-a": "signaled", "coord-b": "signaled"}
+
+
+async def test_scenario_5_signal_sent_before_the_waiter_started_is_delivered(bus: Bus) -> None:
+    published = await bus.publish("s5", "done", "early")
+    with anyio.fail_after(5):
+        delivery = await bus.wait_for("s5", "late-coordinator", "done", timeout=30)
+    assert delivery.signal.signal_id == published.signal_id
+    assert delivery.signal.payload == "early"
+
+
+async def test_each_wait_gets_the_next_signal_once(bus: Bus) -> None:
+    first = await bus.publish("seq", "ch", 1)
+    second = await bus.publish("seq", "ch", 2)
+    got = [await bus.wait_for("seq", "c", "ch", timeout=5) for _ in range(2)]
+    assert [d.signal.signal_id for d in got] == [first.signal_id, second.signal_id]
+    assert [d.iteration for d in got] == [1, 2]
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("seq", "c", "ch", timeout=0.2)
+
+
+async def test_duplicate_signal_id_is_reported_and_delivered_once(bus: Bus) -> None:
+    first = await bus.publish("dup", "ch", "x", signal_id="sig-1")
+    again = await bus.publish("dup", "ch", "y", signal_id="sig-1")
+    assert again.duplicate and not first.duplicate
+    assert again.stream_id == first.stream_id
+    delivery = await bus.wait_for("dup", "c", "ch", timeout=5)
+    assert delivery.signal.payload == "x"
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("dup", "c", "ch", timeout=0.2)
+
+
+async def test_ack_timeout_names_who_did_and_did_not_acknowledge(bus: Bus) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: bus.wait_for("acks", "present", "ch", timeout=10))
+        await _until_state(bus, "acks", {"present": "waiting"})
+        with pytest.raises(AckTimeout) as caught:
+            await bus.publish("acks", "ch", await_acks=["present", "absent"], ack_timeout=0.5)
+    assert caught.value.acked_by == ("present",)
+    assert caught.value.missing == ("absent",)
+    assert isinstance(caught.value, TimeoutError)
+
+
+async def test_scenario_2_timeout_fires_on_time_and_leaves_nothing_pending(bus: Bus) -> None:
+    started = anyio.current_time()
+    with pytest.raises(WaitTimeout) as caught:
+        await bus.wait_for("s2", "lonely", "never", timeout=0.3)
+    elapsed = anyio.current_time() - started
+    assert 0.3 <= elapsed < 2.0
+    [row] = await bus.status("s2")
+    assert row["state"] == "timed_out"
+    assert row["outcome"] == "timeout"
+    assert caught.value.deadline_ms == row["deadline_ms"]
+    assert row["deadline_ms"] - row["started_ms"] == 300
+
+
+async def test_restarted_waiter_keeps_its_deadline_and_gets_the_signal(bus: Bus) -> None:
+    """A coordinator cancelled mid-wait (as a crash would) waits again: same deadline."""
+    with anyio.move_on_after(0.2):
+        await bus.wait_for("rs", "phoenix", "ch", timeout=60)
+    [before] = await bus.status("rs")
+    # Cancellation is recorded; a process killed outright would leave the state 'waiting'.
+    assert before["state"] == "cancelled"
+    await bus.store.begin_wait(bus.keys("rs"), "phoenix", "ch", 60_000, 0)  # as if crashed
+    [crashed] = await bus.status("rs")
+    published = await bus.publish("rs", "ch", "while down")
+    async with anyio.create_task_group() as tg:
+        got: list[Delivery] = []
+
+        async def rewait() -> None:
+            got.append(await bus.wait_for("rs", "phoenix", "ch", timeout=1))
+
+        tg.start_soon(rewait)
+    assert got[0].signal.signal_id == published.signal_id
+    assert got[0].iteration == crashed["iteration"]
+    [after] = await bus.status("rs")
+    assert after["deadline_ms"] == crashed["deadline_ms"]
+    assert after["state"] == "signaled"
+
+
+async def test_lifecycle_events_record_the_wait(bus: Bus) -> None:
+    await bus.publish("life", "ch", None, signal_id="s-1")
+    await bus.wait_for("life", "c", "ch", timeout=5)
+    events = [decode_fields(f) for _, f in await bus.store.read_range(bus.keys("life").events)]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["BlockingStarted", "SignalReceived", "BlockingEnded"]
+    received, ended = events[1], events[2]
+    assert isinstance(received, SignalReceived) and received.signal_id == "s-1"
+    assert isinstance(ended, BlockingEnded) and ended.outcome == "signaled"
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "{tag}", "a*", "x" * 65, "-lead", "a:b"])
+async def test_invalid_ids_are_rejected_before_anything_is_written(bus: Bus, bad: str) -> None:
+    with pytest.raises(InvalidId):
+        await bus.publish(bad, "ch")
+    with pytest.raises(InvalidId):
+        await bus.publish("swarm", bad)
+    with pytest.raises(InvalidId):
+        await bus.wait_for("swarm", bad, "ch", timeout=1)
+    assert await bus.store.coordinator_states(bus.keys("swarm")) == []
+    assert await bus.store.read_range(bus.keys("swarm").channel("ch")) == []
+
+
+async def test_oversized_and_unserialisable_payloads_are_rejected(bus: Bus) -> None:
+    with pytest.raises(PayloadTooLarge):
+        await bus.publish("big", "ch", "x" * (2 * 1024 * 1024))
+    with pytest.raises(ValueError, match="JSON"):
+        await bus.publish("big", "ch", object())
+    assert await bus.store.read_range(bus.keys("big").channel("ch")) == []
+
+
+async def _until_state(bus: Bus, swarm: str, want: dict[str, str]) -> None:
+    """Wait (bounded) until the recorded states include ``want``: the waiters are blocking."""
+    with anyio.fail_after(5):
+        while True:
+            states = {r["coordinator"]: r["state"] for r in await bus.status(swarm)}
+            if all(states.get(k) == v for k, v in want.items()):
+                return
+            await anyio.sleep(0.01)
