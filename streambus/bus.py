@@ -184,11 +184,18 @@ class Bus:
         acked: dict[str, str] = {}
         try:
             with anyio.move_on_after(timeout):
+                attempt = 0
                 while True:
-                    last_id, acked = await self.store.acks_snapshot(keys, signal_id)
-                    if all(c in acked for c in wanted):
-                        return tuple(wanted)
-                    await reader.read({keys.acks: last_id})
+                    try:
+                        last_id, acked = await self.store.acks_snapshot(keys, signal_id)
+                        if all(c in acked for c in wanted):
+                            return tuple(wanted)
+                        await reader.read({keys.acks: last_id})
+                        attempt = 0
+                    except BusUnavailable:
+                        # ACKs are recorded durably; keep asking until the timeout.
+                        await anyio.sleep(backoff_delay(attempt))
+                        attempt += 1
         finally:
             with anyio.CancelScope(shield=True):
                 await reader.aclose()

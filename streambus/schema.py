@@ -193,8 +193,12 @@ def decode(raw: bytes) -> AnyEvent:
 
 
 def decode_fields(fields: dict[bytes, bytes] | None) -> AnyEvent:
-    """Decode a stream entry's field map; a nil body (entry trimmed while pending) is poison."""
-    if fields is None:
+    """Decode a stream entry's field map; a nil body (entry trimmed while pending) is poison.
+
+    A pending entry that was deleted comes back with a nil body (redis-py: ``None``, or an empty
+    map on some servers); an entry always has at least one field, so both mean "no body".
+    """
+    if not fields:
         raise MalformedEvent("entry has no body (deleted or trimmed while pending)")
     raw = fields.get(FIELD)
     if raw is None:

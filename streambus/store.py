@@ -363,7 +363,7 @@ class BlockingReader:
         self._redis: Any = aioredis.Redis.from_url(
             url,
             single_connection_client=True,
-            socket_timeout=block_ms / 1000 + 3.0,
+            socket_timeout=block_ms / 1000 + 1.0,
             socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 0),
         )

@@ -8,6 +8,7 @@ import pytest
 from streambus import AckTimeout, InvalidId, PayloadTooLarge, WaitTimeout
 from streambus.bus import Bus, Delivery
 from streambus.schema import BlockingEnded, SignalReceived, decode_fields
+from tests.helpers import until_states
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +23,7 @@ async def test_scenario_1_two_waiters_both_receive_one_signal(bus: Bus) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait, "coord-a")
         tg.start_soon(wait, "coord-b")
-        await _until_state(bus, "s1", {"coord-a": "waiting", "coord-b": "waiting"})
+        await until_states(bus, "s1", {"coord-a": "waiting", "coord-b": "waiting"})
         published = await bus.publish("s1", "loop2-done", {"ok": True}, sender="coord-c",
                                       await_acks=["coord-a", "coord-b"], ack_timeout=10)
     assert published.acked_by == ("coord-a", "coord-b")
@@ -57,7 +58,8 @@ async def test_each_wait_gets_the_next_signal_once(bus: Bus) -> None:
 async def test_duplicate_signal_id_is_reported_and_delivered_once(bus: Bus) -> None:
     first = await bus.publish("dup", "ch", "x", signal_id="sig-1")
     again = await bus.publish("dup", "ch", "y", signal_id="sig-1")
-    assert again.duplicate and not first.duplicate
+    assert again.duplicate
+    assert not first.duplicate
     assert again.stream_id == first.stream_id
     delivery = await bus.wait_for("dup", "c", "ch", timeout=5)
     assert delivery.signal.payload == "x"
@@ -68,7 +70,7 @@ async def test_duplicate_signal_id_is_reported_and_delivered_once(bus: Bus) -> N
 async def test_ack_timeout_names_who_did_and_did_not_acknowledge(bus: Bus) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: bus.wait_for("acks", "present", "ch", timeout=10))
-        await _until_state(bus, "acks", {"present": "waiting"})
+        await until_states(bus, "acks", {"present": "waiting"})
         with pytest.raises(AckTimeout) as caught:
             await bus.publish("acks", "ch", await_acks=["present", "absent"], ack_timeout=0.5)
     assert caught.value.acked_by == ("present",)
@@ -120,8 +122,10 @@ async def test_lifecycle_events_record_the_wait(bus: Bus) -> None:
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["BlockingStarted", "SignalReceived", "BlockingEnded"]
     received, ended = events[1], events[2]
-    assert isinstance(received, SignalReceived) and received.signal_id == "s-1"
-    assert isinstance(ended, BlockingEnded) and ended.outcome == "signaled"
+    assert isinstance(received, SignalReceived)
+    assert received.signal_id == "s-1"
+    assert isinstance(ended, BlockingEnded)
+    assert ended.outcome == "signaled"
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "{tag}", "a*", "x" * 65, "-lead", "a:b"])
@@ -142,13 +146,3 @@ async def test_oversized_and_unserialisable_payloads_are_rejected(bus: Bus) -> N
     with pytest.raises(ValueError, match="JSON"):
         await bus.publish("big", "ch", object())
     assert await bus.store.read_range(bus.keys("big").channel("ch")) == []
-
-
-async def _until_state(bus: Bus, swarm: str, want: dict[str, str]) -> None:
-    """Wait (bounded) until the recorded states include ``want``: the waiters are blocking."""
-    with anyio.fail_after(5):
-        while True:
-            states = {r["coordinator"]: r["state"] for r in await bus.status(swarm)}
-            if all(states.get(k) == v for k, v in want.items()):
-                return
-            await anyio.sleep(0.01)
