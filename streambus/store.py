@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -64,13 +64,6 @@ def _translate_response(exc: rex.ResponseError) -> StreambusError:
 
 def _decode_entries(raw: Any) -> list[Entry]:
     return [(entry_id.decode(), fields) for entry_id, fields in raw or ()]
-
-
-def _first_stream_entries(reply: Any) -> list[Entry]:
-    """Entries of the one stream an ``XREADGROUP``/``XREAD`` named (RESP2 reply shape)."""
-    if not reply:
-        return []
-    return _decode_entries(reply[0][1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +128,7 @@ class Store:
         self._redis: Any = aioredis.Redis.from_pool(self._pool)
         self._scripts = {
             name: self._redis.register_script((_LUA_DIR / f"{name}.lua").read_text())
-            for name in ("publish", "begin_wait", "receive", "end_wait")
+            for name in ("publish", "begin_wait", "deliver", "receive", "end_wait")
         }
         self._closed = False
 
@@ -272,23 +265,35 @@ class Store:
         return bool(changed)
 
     async def receive_many(self, receipts: Sequence[Receipt]) -> list[str | BaseException]:
-        """Acknowledge delivered signals in one round trip; per receipt the Ack's stream id."""
+        """Acknowledge delivered signals (one swarm) in one round trip; return each Ack's id."""
         if not receipts:
             return []
-        script = self._scripts["receive"]
+        keys = receipts[0].keys
+        if any(r.keys != keys for r in receipts):
+            raise ValueError("receive_many takes the receipts of one swarm")
         with _translated():
             async with self._redis.pipeline(transaction=False) as pipe:
-                for r in receipts:
-                    await script(
-                        keys=[r.keys.channel(r.channel), r.keys.acks, r.keys.acked(r.signal_id),
-                              r.keys.state(r.coordinator), r.keys.events, r.keys.coordinators],
-                        args=[r.coordinator, r.stream_id, r.ack_event, r.received_event,
-                              r.ended_event, FIELD, self.limits.state_ttl_s,
-                              self.limits.events_maxlen, self.limits.dedupe_ttl_s],
+                for chunk in _chunks(receipts):
+                    await self._scripts["receive"](
+                        keys=[keys.acks, keys.events, keys.coordinators, *(
+                            k for r in chunk for k in (
+                                keys.channel(r.channel), keys.acked(r.signal_id),
+                                keys.state(r.coordinator)))],
+                        args=[FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
+                              self.limits.dedupe_ttl_s, *(
+                                  a for r in chunk for a in (
+                                      r.coordinator, r.stream_id, r.signal_id, r.ack_event,
+                                      r.received_event, r.ended_event))],
                         client=pipe,
                     )
                 replies = await pipe.execute(raise_on_error=False)
-        return [_reply_or_error(reply, lambda v: cast(bytes, v).decode()) for reply in replies]
+        out: list[str | BaseException] = []
+        for chunk, reply in zip(_chunks(receipts), replies, strict=True):
+            if isinstance(reply, BaseException):
+                out.extend([_as_streambus(reply)] * len(chunk))
+            else:
+                out.extend(ack_id.decode() for ack_id in reply)
+        return out
 
     async def read_groups(
         self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
@@ -297,15 +302,19 @@ class Store:
 
         The probes run first, so an entry appended after a probe is either returned by a group
         read or newer than the probed id; a blocking ``XREAD`` from the probed id cannot miss it.
+        The reads run as one script call per chunk: each waiter's ``XREADGROUP ... COUNT 1``,
+        delivering into its PEL and acknowledging nothing.
         """
         with _translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for stream in probes:
                     pipe.xrevrange(stream, count=1)
-                for read in reads:
-                    pipe.xreadgroup(
-                        read.group, read.group, {read.stream: "0" if read.pending else ">"},
-                        count=1,
+                for chunk in _chunks(reads):
+                    await self._scripts["deliver"](
+                        keys=[read.stream for read in chunk],
+                        args=[a for read in chunk
+                              for a in (read.group, "0" if read.pending else ">")],
+                        client=pipe,
                     )
                 replies = await pipe.execute(raise_on_error=False)
         last_ids = []
@@ -313,9 +322,12 @@ class Store:
             if isinstance(reply, Exception):
                 raise _as_streambus(reply)
             last_ids.append(reply[0][0].decode() if reply else "0-0")
-        reads_out = [
-            _reply_or_error(reply, _first_stream_entries) for reply in replies[len(probes):]
-        ]
+        reads_out: list[list[Entry] | BaseException] = []
+        for chunk, reply in zip(_chunks(reads), replies[len(probes):], strict=True):
+            if isinstance(reply, BaseException):
+                reads_out.extend([_as_streambus(reply)] * len(chunk))
+            else:
+                reads_out.extend(_scripted_read(one) for one in reply)
         return last_ids, reads_out
 
     async def dead_letter(
@@ -345,10 +357,28 @@ def _as_streambus(exc: BaseException) -> BaseException:
     return exc
 
 
-def _reply_or_error(reply: Any, convert: Any) -> Any:
-    if isinstance(reply, BaseException):
-        return _as_streambus(reply)
-    return convert(reply)
+_T = TypeVar("_T")
+_CHUNK: Final = 256
+"""Waiters per script call: bounds how long one call holds the server (a few ms)."""
+
+
+def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
+    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def _scripted_read(reply: Any) -> list[Entry] | BaseException:
+    """One read of the deliver script: ``[]``, ``[[stream, entries]]`` or ``['ERR', message]``."""
+    if reply and reply[0] == b"ERR":
+        return _translate_response(rex.ResponseError(reply[1].decode()))
+    if not reply:
+        return []
+    return [(entry_id.decode(), _field_map(flat)) for entry_id, flat in reply[0][1]]
+
+
+def _field_map(flat: Any) -> dict[bytes, bytes] | None:
+    if not flat:
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 class BlockingReader:

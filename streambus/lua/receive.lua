@@ -1,24 +1,32 @@
--- A waiting coordinator received a signal: acknowledge it and record the receipt, in one step.
+-- Waiting coordinators received signals: acknowledge each and record each receipt, in one step.
 -- Idempotent per (signal, coordinator): running it twice appends nothing twice.
--- KEYS[1] channel stream, KEYS[2] acks stream, KEYS[3] acked hash of the signal,
--- KEYS[4] state hash, KEYS[5] events stream, KEYS[6] coordinators zset
--- ARGV[1] coordinator (= group), ARGV[2] entry id, ARGV[3] Ack event, ARGV[4] SignalReceived
--- event, ARGV[5] BlockingEnded event, ARGV[6] entry field, ARGV[7] state ttl (s),
--- ARGV[8] events maxlen, ARGV[9] acked-hash ttl (s)
+-- KEYS[1] acks stream, KEYS[2] events stream, KEYS[3] coordinators zset, then per receipt i:
+--   KEYS[3i+1] channel stream, KEYS[3i+2] acked hash of the signal, KEYS[3i+3] state hash
+-- ARGV[1] entry field, ARGV[2] state ttl (s), ARGV[3] events maxlen, ARGV[4] acked ttl (s),
+-- then per receipt i, from ARGV[6i-1]: coordinator (= group), entry id, signal id, Ack event,
+--   SignalReceived event, BlockingEnded event
+-- Returns the Ack entry id of each receipt.
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-local ack_id = redis.call('HGET', KEYS[3], ARGV[1])
-if not ack_id then
-  ack_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', ARGV[6], ARGV[3])
-  redis.call('HSET', KEYS[3], ARGV[1], ack_id)
-  redis.call('EXPIRE', KEYS[3], ARGV[9])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', ARGV[6], ARGV[4])
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[8], '*', ARGV[6], ARGV[5])
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local field, ttl, maxlen, acked_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i = 1, (#KEYS - 3) / 3 do
+  local stream, acked, state = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local a = 6 * i - 1
+  local coordinator, entry_id, signal_id = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  redis.call('XACK', stream, coordinator, entry_id)
+  local ack_id = redis.call('HGET', acked, coordinator)
+  if not ack_id then
+    ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, ARGV[a + 3])
+    redis.call('HSET', acked, coordinator, ack_id)
+    redis.call('EXPIRE', acked, acked_ttl)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', field, ARGV[a + 4])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', field, ARGV[a + 5])
+  end
+  redis.call('HSET', state, 'state', 'signaled', 'outcome', 'signaled',
+    'last_signal', signal_id, 'last_stream_id', entry_id, 'updated_ms', now, 'ended_ms', now)
+  redis.call('EXPIRE', state, ttl)
+  redis.call('ZADD', KEYS[3], now, coordinator)
+  out[i] = ack_id
 end
-redis.call('HSET', KEYS[4], 'state', 'signaled', 'outcome', 'signaled',
-  'last_signal', cjson.decode(ARGV[3])['signal_id'], 'last_stream_id', ARGV[2],
-  'updated_ms', string.format('%d', now), 'ended_ms', string.format('%d', now))
-redis.call('EXPIRE', KEYS[4], ARGV[7])
-redis.call('ZADD', KEYS[6], now, ARGV[1])
-return ack_id
+return out
