@@ -5,19 +5,24 @@ through its own consumer group, so a signal sent before it started waiting is st
 receipt is provable, and the swarm's state can be rebuilt from the log.
 """
 
-from streambus.bus import Bus, Coordinator, Delivery, Published, connect
+from streambus.bus import Bus, Delivery, Published, connect
 from streambus.config import Settings, parse_duration
+from streambus.coordinator import Coordinator
 from streambus.errors import (
     AckTimeout,
+    Backpressure,
     BusUnavailable,
+    DurabilityNotReached,
     EmbeddedServerError,
     InvalidId,
     InvalidInput,
     MalformedEvent,
     PayloadTooLarge,
+    PeerDead,
     StreambusError,
     WaitTimeout,
 )
+from streambus.liveness import Liveness
 from streambus.schema import (
     Ack,
     BlockingEnded,
@@ -37,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ack",
     "AckTimeout",
+    "Backpressure",
     "BlockingEnded",
     "BlockingStarted",
     "BlockingState",
@@ -44,14 +50,17 @@ __all__ = [
     "BusUnavailable",
     "Coordinator",
     "Delivery",
+    "DurabilityNotReached",
     "EmbeddedServerError",
     "Event",
     "Heartbeat",
     "InvalidId",
     "InvalidInput",
+    "Liveness",
     "MalformedEvent",
     "Outcome",
     "PayloadTooLarge",
+    "PeerDead",
     "Published",
     "RetryRequest",
     "Settings",

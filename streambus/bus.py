@@ -12,25 +12,29 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
 import msgspec
 
 from streambus.config import DEFAULT_WAIT_TIMEOUT_S, Settings
-from streambus.dispatch import Dispatcher, Waiter, backoff_delay
-from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge, WaitTimeout
+from streambus.dispatch import Dispatcher, backoff_delay
+from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
 from streambus.keys import SwarmKeys, validate_id
+from streambus.liveness import Liveness
+from streambus.retries import DEFAULT_BACKLOG_LIMIT, RetrySent, new_request_id, request_retry
 from streambus.schema import (
-    BlockingEnded,
     BlockingState,
-    Outcome,
+    RetryRequest,
     Signal,
     encode,
     stream_id_ms,
 )
-from streambus.store import Limits, Store, WaitStart
+from streambus.store import Durability, Limits, Store
+
+if TYPE_CHECKING:
+    from streambus.coordinator import Coordinator
 
 log = logging.getLogger("streambus")
 
@@ -84,11 +88,10 @@ class Bus:
     """A connection to the bus. Create with :func:`connect`; use as an async context manager."""
 
     def __init__(self, store: Store, namespace: str, *, publish_retry_budget_s: float = 10.0,
-                 reconnect_budget_s: float = 300.0, block_ms: int = 2000) -> None:
+                 block_ms: int = 2000) -> None:
         self.store = store
         self.namespace = validate_id(namespace, "namespace")
         self.publish_retry_budget_s = publish_retry_budget_s
-        self.reconnect_budget_s = reconnect_budget_s
         self.block_ms = block_ms
         self._dispatchers: dict[str, Dispatcher] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -144,6 +147,7 @@ class Bus:
         await_acks: Iterable[str] = (),
         ack_timeout: float = 30.0,
         trace: dict[str, str] | None = None,
+        durability: Durability = "none",
     ) -> Published:
         """Publish a signal on ``channel`` once per ``signal_id``; optionally wait for ACKs.
 
@@ -151,6 +155,13 @@ class Bus:
         nowhere. Connection errors are retried with capped, jittered backoff for
         ``publish_retry_budget_s`` (safe: the id makes the publish idempotent). With
         ``await_acks``, raises :class:`AckTimeout` naming who did not acknowledge in time.
+
+        ``durability``: "none" returns once the server has the signal in memory (with AOF
+        ``everysec``, a server crash may lose the last second); "fsync" once it is in the
+        server's append-only file on disk (Redis >= 7.2 or Valkey); "replicated" once a replica
+        has it (a failover may still lose it if that replica is not the one promoted). A level
+        not confirmed within a second raises :class:`DurabilityNotReached`; the signal *was*
+        appended, and publishing it again with the same id is safe.
         """
         keys = self.keys(swarm)
         signal_id = validate_id(signal_id or uuid.uuid4().hex, "signal id")
@@ -162,7 +173,7 @@ class Bus:
                        payload=payload, trace=trace or {})
         raw = _encode_payload(event)
         stream_id, duplicate = await self._retrying(
-            lambda: self.store.publish(keys, channel, signal_id, raw)
+            lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
         )
         log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel, stream_id,
                  " (duplicate)" if duplicate else "")
@@ -170,6 +181,34 @@ class Bus:
         if awaited:
             acked = await self.wait_for_acks(swarm, signal_id, awaited, timeout=ack_timeout)
         return Published(signal_id, stream_id, duplicate, acked_by=acked)
+
+    async def request_retry(
+        self,
+        swarm: str,
+        coordinator: str,
+        *,
+        reason: str = "",
+        blockers: Iterable[str] = (),
+        payload: Any = None,
+        requested_by: str = "",
+        iteration: int = 0,
+        request_id: str | None = None,
+        backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+        wait: float = 0.0,
+    ) -> RetrySent:
+        """Ask ``coordinator`` to redo work; it handles the request even while it blocks.
+
+        Idempotent by ``request_id``. Raises :class:`Backpressure` when the coordinator's
+        backlog is at ``backlog_limit`` (after retrying for up to ``wait`` seconds).
+        """
+        request = RetryRequest(
+            coordinator=validate_id(coordinator, "coordinator id"),
+            request_id=validate_id(request_id or new_request_id(), "request id"),
+            requested_by=requested_by, reason=reason, blockers=list(blockers), payload=payload,
+            iteration=iteration)
+        _check_size(encode(request))
+        return await request_retry(self.store, self.keys(swarm), request,
+                                   backlog_limit=backlog_limit, wait=wait)
 
     async def wait_for_acks(
         self, swarm: str, signal_id: str, coordinators: Iterable[str], *, timeout: float
@@ -217,15 +256,18 @@ class Bus:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    def coordinator(self, swarm: str, coordinator_id: str) -> Coordinator:
-        """A handle for one coordinator of ``swarm``."""
-        return Coordinator(self, swarm, coordinator_id)
+    def coordinator(self, swarm: str, coordinator_id: str, *,
+                    liveness: Liveness | None = None) -> Coordinator:
+        """A handle for one coordinator of ``swarm`` (see :class:`Coordinator`)."""
+        from streambus.coordinator import Coordinator
+
+        return Coordinator(self, swarm, coordinator_id, liveness=liveness)
 
     async def wait_for(self, swarm: str, coordinator: str, channel: str, *,
-                       timeout: float = DEFAULT_WAIT_TIMEOUT_S, iteration: int = 0) -> Delivery:
+                       timeout: float = DEFAULT_WAIT_TIMEOUT_S, **options: Any) -> Delivery:
         """Shorthand for ``bus.coordinator(swarm, coordinator).wait_for(channel, ...)``."""
         return await self.coordinator(swarm, coordinator).wait_for(
-            channel, timeout=timeout, iteration=iteration
+            channel, timeout=timeout, **options
         )
 
     async def dispatcher(self, keys: SwarmKeys) -> Dispatcher:
@@ -235,8 +277,7 @@ class Bus:
         async with self._dispatcher_lock:
             dispatcher = self._dispatchers.get(keys.swarm)
             if dispatcher is None:
-                dispatcher = Dispatcher(self.store, keys, block_ms=self.block_ms,
-                                        reconnect_budget_s=self.reconnect_budget_s)
+                dispatcher = Dispatcher(self.store, keys, block_ms=self.block_ms)
                 await self._tg.start(dispatcher.run)
                 self._dispatchers[keys.swarm] = dispatcher
         return dispatcher
@@ -257,98 +298,18 @@ class Bus:
         return sorted(rows, key=lambda r: r.get("coordinator", ""))
 
 
-class Coordinator:
-    """One coordinator of a swarm: it waits for signals on channels, one at a time."""
-
-    def __init__(self, bus: Bus, swarm: str, coordinator_id: str) -> None:
-        self.bus = bus
-        self.keys = bus.keys(swarm)
-        self.swarm = swarm
-        self.id = validate_id(coordinator_id, "coordinator id")
-        self._waiter: Waiter | None = None
-
-    def __repr__(self) -> str:
-        waiting = (f" waiting on {self._waiter.channel!r} iteration={self._waiter.iteration}"
-                   if self._waiter else "")
-        return f"<Coordinator {self.id!r} swarm={self.swarm!r}{waiting}>"
-
-    async def wait_for(self, channel: str, *, timeout: float = DEFAULT_WAIT_TIMEOUT_S,
-                       iteration: int = 0) -> Delivery:
-        """Block until a signal arrives on ``channel``; acknowledge it and return it.
-
-        The deadline is ``timeout`` from now in *server* time, recorded in the coordinator's
-        blocking state: if this coordinator restarts and waits on the same channel again, the
-        original deadline holds. A signal published before the wait began is delivered at once.
-        Raises :class:`WaitTimeout` at the deadline.
-        """
-        stream = self.keys.channel(channel)
-        if timeout < 0:
-            raise InvalidInput(f"timeout must not be negative, got {timeout}")
-        start = await self.bus._retrying(lambda: self.bus.store.begin_wait(
-            self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration
-        ))
-        log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
-                 "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
-                 (start.deadline_ms - start.now_ms) / 1000)
-        dispatcher = await self.bus.dispatcher(self.keys)
-        waiter = Waiter(self.keys, self.id, channel, stream, start.iteration)
-        self._waiter = waiter
-        try:
-            return await self._block(dispatcher, waiter, start)
-        finally:
-            self._waiter = None
-
-    async def _block(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart) -> Delivery:
-        remaining_ms = start.deadline_ms - start.now_ms
-        dispatcher.add(waiter)
-        try:
-            # The deadline is server time; the local monotonic clock only measures the
-            # remaining span, so a skewed wall clock cannot move it.
-            with anyio.move_on_after(max(0, remaining_ms) / 1000):
-                await waiter.settled.wait()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await dispatcher.withdraw(waiter, abandon=True)
-                if not waiter.settled.is_set() or waiter.signal is None:
-                    await self._end(waiter, Outcome.CANCELLED, "wait cancelled")
-            raise
-        if not waiter.settled.is_set():
-            await dispatcher.withdraw(waiter, abandon=False)
-        if waiter.error is not None:
-            outcome = (Outcome.BUS_UNAVAILABLE if isinstance(waiter.error, BusUnavailable)
-                       else Outcome.FAILED)
-            await self._end(waiter, outcome, str(waiter.error))
-            raise waiter.error
-        if waiter.signal is None or not waiter.ack_id:
-            await self._end(waiter, Outcome.TIMEOUT, "deadline reached")
-            raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
-        log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
-                 waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id)
-        return Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id, waiter.iteration)
-
-    async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
-        """Record the end of a wait; best effort when the bus is down."""
-        event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
-                                     iteration=waiter.iteration, outcome=outcome, detail=detail))
-        log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm,
-                 waiter.channel, outcome, detail)
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):
-            try:
-                await self.bus.store.end_wait(self.keys, self.id, waiter.channel,
-                                              waiter.iteration, BlockingState.after(outcome),
-                                              event)
-            except BusUnavailable as exc:
-                log.warning("could not record %s for %s: %s", outcome, self.id, exc)
-
-
 def _encode_payload(event: Signal) -> bytes:
     try:
         raw = encode(event)
     except (TypeError, msgspec.EncodeError) as exc:
         raise InvalidInput(f"payload is not JSON-serialisable: {exc}") from None
+    return _check_size(raw)
+
+
+def _check_size(raw: bytes) -> bytes:
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(
-            f"signal is {len(raw)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES} bytes"
+            f"event is {len(raw)} bytes encoded; the limit is {MAX_PAYLOAD_BYTES} bytes"
         )
     return raw
 
@@ -363,8 +324,7 @@ async def connect(
 ) -> AsyncIterator[Bus]:
     """Connect to the bus at ``redis_url`` (or ``STREAMBUS_REDIS_URL``, or the embedded server).
 
-    ``options`` go to :class:`Bus` (``publish_retry_budget_s``, ``reconnect_budget_s``,
-    ``block_ms``).
+    ``options`` go to :class:`Bus` (``publish_retry_budget_s``, ``block_ms``).
     """
     settings = Settings.resolve(redis_url, namespace)
     url = settings.redis_url

@@ -1,8 +1,8 @@
 """The ``streambus`` command line: a thin layer over the library for shell-driven agents.
 
 Exit codes: 0 done, 1 unexpected error, 2 timeout (wait deadline or ACK timeout), 3 a watched
-peer is dead, 4 the bus cannot be reached, 64 invalid input (nothing was written),
-128+N ended by signal N (the wait is recorded as cancelled).
+peer is dead, 4 the bus cannot be reached, 5 a retry backlog is full, 64 invalid input
+(nothing was written), 128+N ended by signal N (the wait is recorded as cancelled).
 """
 
 from __future__ import annotations
@@ -23,18 +23,22 @@ from streambus.bus import Bus, connect
 from streambus.config import ENV_NAMESPACE, ENV_URL, Settings, parse_duration
 from streambus.errors import (
     AckTimeout,
+    Backpressure,
     BusUnavailable,
     InvalidInput,
+    PeerDead,
     StreambusError,
     WaitTimeout,
 )
 from streambus.keys import SwarmKeys, validate_id
+from streambus.liveness import Liveness
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_TIMEOUT: Final = 2
 EXIT_PEER_DEAD: Final = 3
 EXIT_UNAVAILABLE: Final = 4
+EXIT_BACKPRESSURE: Final = 5
 EXIT_USAGE: Final = 64
 
 
@@ -105,6 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("channel")
     p.add_argument("--timeout", type=_duration, default=30 * 60.0)
     p.add_argument("--iteration", type=int, default=0, help="iteration (default: previous + 1)")
+    p.add_argument("--heartbeat-interval", type=_duration, default=None,
+                   help="heartbeat while waiting, this often")
+    p.add_argument("--watch", action="append", default=[], metavar="PEER",
+                   help="end the wait (exit 3) if this peer's heartbeats lapse (repeatable)")
+    p.add_argument("--dead-after", type=_duration, default=120.0,
+                   help="a watched peer silent this long is dead (default 2m)")
+    p.add_argument("--reconnect-budget", type=_duration, default=300.0,
+                   help="give up (exit 4) after the bus is unreachable this long (default 5m)")
+
+    p = sub.add_parser("heartbeat", parents=[common], help="heartbeat until SIGTERM/SIGINT")
+    p.add_argument("swarm")
+    p.add_argument("coordinator")
+    p.add_argument("--interval", type=_duration, default=5.0)
+
+    p = sub.add_parser("retry", parents=[common],
+                       help="ask a coordinator to redo work (a retry request)")
+    p.add_argument("swarm")
+    p.add_argument("coordinator")
+    p.add_argument("--reason", default="")
+    p.add_argument("--blocker", action="append", default=[], dest="blockers")
+    p.add_argument("--payload", type=_json, default=None, help="JSON payload")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: random)")
+    p.add_argument("--requested-by", default="")
+    p.add_argument("--backlog-limit", type=int, default=1000)
+    p.add_argument("--wait", type=_duration, default=0.0,
+                   help="when the backlog is full, keep trying this long (else exit 5)")
 
     p = sub.add_parser("status", parents=[common], help="coordinators and their blocking state")
     p.add_argument("swarm")
@@ -140,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WaitTimeout as exc:
         print(f"streambus: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
+    except PeerDead as exc:
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_PEER_DEAD
+    except Backpressure as exc:
+        print(f"streambus: {exc}", file=sys.stderr)
+        return EXIT_BACKPRESSURE
     except BusUnavailable as exc:
         print(f"streambus: bus unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -147,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streambus: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except _Signalled as exc:
+        if args.command == "heartbeat":
+            return EXIT_OK  # a signal is how a heartbeat is meant to stop
         print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
         return 128 + exc.signum
 
@@ -163,7 +201,14 @@ def _validate(args: argparse.Namespace) -> None:
             validate_id(value, name.replace("_", " "))
     for coordinator in getattr(args, "await_ack", []):
         validate_id(coordinator, "coordinator id")
-    for name in ("timeout", "ack_timeout"):
+    for peer in getattr(args, "watch", []):
+        validate_id(peer, "peer id")
+    if request_id := getattr(args, "request_id", None):
+        validate_id(request_id, "request id")
+    for name in ("interval", "heartbeat_interval", "dead_after"):
+        if (value := getattr(args, name, None)) is not None and value <= 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be positive")
+    for name in ("timeout", "ack_timeout", "reconnect_budget", "wait"):
         if (value := getattr(args, name, None)) is not None and value < 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must not be negative")
 
@@ -225,9 +270,32 @@ async def _signal(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _wait(bus: Bus, args: argparse.Namespace) -> int:
-    delivery = await bus.wait_for(args.swarm, args.coordinator, args.channel,
-                                  timeout=args.timeout, iteration=args.iteration)
+    liveness = None
+    if args.heartbeat_interval is not None or args.watch:
+        liveness = Liveness(heartbeat_interval=args.heartbeat_interval or 5.0,
+                            dead_after=args.dead_after)
+    coordinator = bus.coordinator(args.swarm, args.coordinator, liveness=liveness)
+    delivery = await coordinator.wait_for(
+        args.channel, timeout=args.timeout, iteration=args.iteration, watch=args.watch,
+        reconnect_budget=args.reconnect_budget)
     _print(delivery.as_dict())
+    return EXIT_OK
+
+
+async def _heartbeat(bus: Bus, args: argparse.Namespace) -> int:
+    coordinator = bus.coordinator(args.swarm, args.coordinator)
+    async with coordinator.heartbeating(args.interval):
+        await anyio.sleep_forever()
+    return EXIT_OK  # pragma: no cover - only a signal ends it
+
+
+async def _retry(bus: Bus, args: argparse.Namespace) -> int:
+    sent = await bus.request_retry(
+        args.swarm, args.coordinator, reason=args.reason, blockers=args.blockers,
+        payload=args.payload, requested_by=args.requested_by, request_id=args.request_id,
+        backlog_limit=args.backlog_limit, wait=args.wait)
+    _print({"request_id": sent.request_id, "stream_id": sent.stream_id,
+            "duplicate": sent.duplicate})
     return EXIT_OK
 
 
@@ -270,6 +338,7 @@ def _server(args: argparse.Namespace) -> int:
 
 _COMMANDS: Final[dict[str, Command]] = {
     "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
+    "heartbeat": _heartbeat, "retry": _retry,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,6 +38,7 @@ from streambus.schema import (
     SignalReceived,
     decode_fields,
     encode,
+    stream_id_tuple,
 )
 from streambus.store import BlockingReader, Entry, GroupMissing, GroupRead, Receipt, Store
 
@@ -63,6 +64,7 @@ class Waiter:
     channel: str
     stream: str
     iteration: int
+    reconnect_budget_s: float = 300.0
     pending_first: bool = True
     abandoned: bool = False
     signal: Signal | None = None
@@ -100,11 +102,9 @@ class Waiter:
 class Dispatcher:
     """Serves every waiter of one swarm in this process over one blocking connection."""
 
-    def __init__(self, store: Store, keys: SwarmKeys, *, block_ms: int = 2000,
-                 reconnect_budget_s: float = 300.0) -> None:
+    def __init__(self, store: Store, keys: SwarmKeys, *, block_ms: int = 2000) -> None:
         self.store = store
         self.keys = keys
-        self.reconnect_budget_s = reconnect_budget_s
         self._reader: BlockingReader = store.blocking_reader(block_ms=block_ms)
         self._by_stream: dict[str, set[Waiter]] = {}
         self._cursors: dict[str, str] = {}
@@ -144,6 +144,13 @@ class Dispatcher:
         if waiter.in_flight:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await waiter.settled.wait()
+
+    def fail(self, waiter: Waiter, error: BaseException) -> bool:
+        """End ``waiter`` with ``error`` unless it settled or its delivery is mid-flight."""
+        if waiter.settled.is_set() or waiter.in_flight:
+            return False
+        self._settle(waiter, error=error)
+        return True
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -299,13 +306,12 @@ class Dispatcher:
                 # A reply lost with the connection may have delivered entries into the PEL.
                 waiter.pending_first = True
                 self._dirty.add(waiter)
-        if down_for_s > self.reconnect_budget_s:
-            error = BusUnavailable(
-                f"Redis unreachable for {down_for_s:.1f} s (budget {self.reconnect_budget_s} s)"
-            )
-            for watchers in list(self._by_stream.values()):
-                for waiter in list(watchers):
-                    self._settle(waiter, error=error)
+        for watchers in list(self._by_stream.values()):
+            for waiter in list(watchers):
+                if down_for_s > waiter.reconnect_budget_s:
+                    self._settle(waiter, error=BusUnavailable(
+                        f"Redis unreachable for {down_for_s:.1f} s "
+                        f"(reconnect budget {waiter.reconnect_budget_s} s)"))
 
     def _wake(self) -> None:
         self._work.set()
@@ -339,10 +345,4 @@ class Dispatcher:
 def _min_id(a: str | None, b: str) -> str:
     if a is None:
         return b
-    return a if _id_tuple(a) <= _id_tuple(b) else b
-
-
-def _id_tuple(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
+    return a if stream_id_tuple(a) <= stream_id_tuple(b) else b

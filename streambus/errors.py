@@ -66,3 +66,28 @@ class AckTimeout(StreambusError, TimeoutError):
         self.signal_id = signal_id
         self.acked_by = tuple(acked_by)
         self.missing = tuple(missing)
+
+
+class PeerDead(StreambusError):
+    """A watched peer's heartbeat is older than ``dead_after`` (in server time)."""
+
+    def __init__(self, peers: dict[str, float]) -> None:
+        ages = ", ".join(f"{peer} ({age:.1f} s without a beat)" for peer, age in peers.items())
+        super().__init__(f"peer dead: {ages}")
+        self.peers = dict(peers)
+
+
+class Backpressure(StreambusError):
+    """A coordinator's retry backlog is full; the request was not appended."""
+
+    def __init__(self, coordinator: str, backlog: int, limit: int) -> None:
+        super().__init__(
+            f"retry backlog of {coordinator!r} is full ({backlog} >= {limit}); request not sent"
+        )
+        self.coordinator = coordinator
+        self.backlog = backlog
+        self.limit = limit
+
+
+class DurabilityNotReached(StreambusError):
+    """A publish was appended but not confirmed at the requested durability level in time."""

@@ -82,3 +82,31 @@ class SwarmKeys:
     def counters(self) -> str:
         """Hash of swarm-wide counters (dead letters, duplicates)."""
         return f"{self.prefix}:counters"
+
+    @property
+    def heartbeats(self) -> str:
+        """Stream of Heartbeat events, trimmed by age."""
+        return f"{self.prefix}:hb"
+
+    @property
+    def alive(self) -> str:
+        """Sorted set of coordinator ids scored by their last heartbeat (server ms)."""
+        return f"{self.prefix}:alive"
+
+    @property
+    def reported_dead(self) -> str:
+        """Hash coordinator -> last beat (ms) already reported dead by a watchdog."""
+        return f"{self.prefix}:reported-dead"
+
+    def retries(self, coordinator: str) -> str:
+        """Stream of RetryRequest events for one coordinator (group: the coordinator id)."""
+        return f"{self.prefix}:retry:{validate_id(coordinator, 'coordinator id')}"
+
+    @property
+    def retry_backlog(self) -> str:
+        """Hash coordinator -> retry requests appended and not yet processed."""
+        return f"{self.prefix}:retry-backlog"
+
+    def retry_dedupe(self, request_id: str) -> str:
+        """String marking a retry request id as appended (24 h idempotency)."""
+        return f"{self.prefix}:retry-dedupe:{validate_id(request_id, 'request id')}"

@@ -209,6 +209,12 @@ def decode_fields(fields: dict[bytes, bytes] | None) -> AnyEvent:
         raise MalformedEvent(exc.reason, fields) from None
 
 
+def stream_id_tuple(stream_id: str) -> tuple[int, int]:
+    """A stream id as ``(ms, seq)``, for ordering ids correctly (not as strings)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def stream_id_ms(stream_id: str) -> int:
     """The server time, in ms since the epoch, encoded in a stream id."""
     return int(stream_id.partition("-")[0])

@@ -14,16 +14,16 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streambus.errors import BusUnavailable, StreambusError
+from streambus.errors import BusUnavailable, DurabilityNotReached, StreambusError
 from streambus.keys import SwarmKeys
-from streambus.schema import FIELD
+from streambus.schema import FIELD, stream_id_tuple
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Limits:
     dedupe_ttl_s: int = 24 * 3600
     channel_retention_ms: int = 24 * 3600 * 1000
     events_maxlen: int = 100_000
+    heartbeat_retention_ms: int = 3600 * 1000
 
 
 class Store:
@@ -128,7 +129,8 @@ class Store:
         self._redis: Any = aioredis.Redis.from_pool(self._pool)
         self._scripts = {
             name: self._redis.register_script((_LUA_DIR / f"{name}.lua").read_text())
-            for name in ("publish", "begin_wait", "deliver", "receive", "end_wait")
+            for name in ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
+                         "last_beats", "retry_request", "retry_done")
         }
         self._closed = False
 
@@ -222,15 +224,34 @@ class Store:
 
     # -- scripts ---------------------------------------------------------------------------------
 
-    async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes) -> tuple[
-        str, bool
-    ]:
-        """Append a signal unless its id was published in the last 24 h: ``(stream_id, dup)``."""
+    async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes, *,
+                      durability: Durability = "none", durability_timeout_ms: int = 1000,
+                      ) -> tuple[str, bool]:
+        """Append a signal unless its id was published in the last 24 h: ``(stream_id, dup)``.
+
+        ``durability`` "fsync" confirms the write reached the server's append-only file
+        (``WAITAOF 1 0``, Redis >= 7.2 / Valkey); "replicated" that a replica has it
+        (``WAIT 1``). Both run on the publish's own connection, as they must.
+        """
         with _translated():
-            dup, stream_id = await self._scripts["publish"](
-                keys=[keys.dedupe(signal_id), keys.channel(channel)],
-                args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD],
-            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._scripts["publish"](
+                    keys=[keys.dedupe(signal_id), keys.channel(channel)],
+                    args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms,
+                          FIELD],
+                    client=pipe,
+                )
+                if durability == "fsync":
+                    pipe.execute_command("WAITAOF", 1, 0, durability_timeout_ms)
+                elif durability == "replicated":
+                    pipe.execute_command("WAIT", 1, durability_timeout_ms)
+                replies = await pipe.execute(raise_on_error=False)
+        published = replies[0]
+        if isinstance(published, BaseException):
+            raise _as_streambus(published)
+        dup, stream_id = published
+        if durability != "none":
+            _check_durability(durability, replies[1], stream_id.decode())
         return stream_id.decode(), bool(dup)
 
     async def begin_wait(
@@ -330,10 +351,75 @@ class Store:
                 reads_out.extend(_scripted_read(one) for one in reply)
         return last_ids, reads_out
 
+    async def beat(self, keys: SwarmKeys, coordinator: str, event: bytes) -> int:
+        """Record one heartbeat; return its server time (ms)."""
+        with _translated():
+            now = await self._scripts["beat"](
+                keys=[keys.heartbeats, keys.alive],
+                args=[coordinator, event, self.limits.heartbeat_retention_ms, FIELD],
+            )
+        return int(now)
+
+    async def last_beats(self, keys: SwarmKeys, peers: Sequence[str]) -> tuple[
+        int, dict[str, int | None]
+    ]:
+        """Server now (ms) and each peer's last beat (ms, ``None`` if it never beat)."""
+        with _translated():
+            reply = await self._scripts["last_beats"](keys=[keys.alive], args=list(peers))
+        beats = {peer: (int(ms) if int(ms) >= 0 else None)
+                 for peer, ms in zip(peers, reply[1:], strict=True)}
+        return int(reply[0]), beats
+
+    async def request_retry(self, keys: SwarmKeys, coordinator: str, request_id: str,
+                            event: bytes, backlog_limit: int) -> tuple[int, str]:
+        """Append a retry request: ``(0, id)`` new, ``(1, id)`` duplicate, ``(2, backlog)`` full."""
+        with _translated():
+            status, value = await self._scripts["retry_request"](
+                keys=[keys.retry_dedupe(request_id), keys.retries(coordinator),
+                      keys.retry_backlog],
+                args=[coordinator, event, backlog_limit, self.limits.dedupe_ttl_s, FIELD],
+            )
+        return int(status), value.decode() if isinstance(value, bytes) else str(value)
+
+    async def retries_done(self, keys: SwarmKeys, coordinator: str, ids: Sequence[str]) -> int:
+        """Acknowledge processed retry requests and shrink the backlog by as many."""
+        if not ids:
+            return 0
+        with _translated():
+            return int(await self._scripts["retry_done"](
+                keys=[keys.retries(coordinator), keys.retry_backlog], args=[coordinator, *ids]))
+
+    async def delivery_counts(self, stream: str, group: str, consumer: str,
+                              ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending entry was delivered (``XPENDING`` extended form)."""
+        if not ids:
+            return {}
+        with _translated():
+            rows = await self._redis.xpending_range(
+                stream, group, min=min(ids, key=stream_id_tuple),
+                max=max(ids, key=stream_id_tuple), count=len(ids) * 2, consumername=consumer)
+        return {row["message_id"].decode(): int(row["times_delivered"]) for row in rows}
+
+    async def autoclaim(self, stream: str, group: str, consumer: str, min_idle_ms: int,
+                        count: int = 100) -> list[Entry]:
+        """Move entries idle past ``min_idle_ms`` on any consumer of ``group`` to ``consumer``."""
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        with _translated():
+            while True:
+                reply = await self._redis.xautoclaim(stream, group, consumer, min_idle_ms,
+                                                     start_id=cursor, count=count)
+                cursor = reply[0].decode()
+                claimed.extend(_decode_entries(reply[1]))
+                if cursor == "0-0":
+                    return claimed
+
     async def dead_letter(
-        self, keys: SwarmKeys, source: str, group: str, entry: Entry, reason: str
+        self, keys: SwarmKeys, source: str, group: str, entry: Entry, reason: str, *,
+        ack: bool = True,
     ) -> None:
-        """Move a poison entry aside: copy it with the reason, then acknowledge it at the source."""
+        """Move a poison entry aside: copy it with the reason, and acknowledge it at the source
+        (unless ``ack`` is false: the caller acknowledges it with other bookkeeping)."""
         entry_id, fields = entry
         record: dict[str | bytes, str | bytes] = {
             "reason": reason, "source": source, "source_id": entry_id, "group": group,
@@ -345,8 +431,26 @@ class Store:
                 pipe.xadd(keys.dead_letters, cast(Any, record), maxlen=self.limits.events_maxlen,
                           approximate=True)
                 pipe.hincrby(keys.counters, "dead_letters", 1)
-                pipe.xack(source, group, entry_id)
+                if ack:
+                    pipe.xack(source, group, entry_id)
                 await pipe.execute()
+
+
+Durability = Literal["none", "fsync", "replicated"]
+
+
+def _check_durability(level: Durability, reply: Any, stream_id: str) -> None:
+    if isinstance(reply, rex.ResponseError):
+        raise DurabilityNotReached(
+            f"signal {stream_id} was appended, but durability {level!r} is unavailable: {reply}"
+        )
+    if isinstance(reply, BaseException):
+        raise _as_streambus(reply)
+    confirmed = int(reply[0]) if level == "fsync" else int(reply)
+    if confirmed < 1:
+        raise DurabilityNotReached(
+            f"signal {stream_id} was appended, but not confirmed {level} in time"
+        )
 
 
 def _as_streambus(exc: BaseException) -> BaseException:
@@ -419,6 +523,21 @@ class BlockingReader:
         for stream, entries in reply or ():
             out[stream.decode()] = _decode_entries(entries)
         return out
+
+    async def read_group(self, stream: str, group: str, consumer: str, *, pending: bool,
+                         count: int) -> list[Entry]:
+        """``XREADGROUP``: the consumer's pending entries, or new ones blocking up to BLOCK."""
+        try:
+            with _translated():
+                reply = await self._redis.xreadgroup(
+                    group, consumer, {stream: "0" if pending else ">"}, count=count,
+                    block=None if pending else self.block_ms)
+        except BusUnavailable:
+            self.client_id = None
+            raise
+        if not reply:
+            return []
+        return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
 
     async def aclose(self) -> None:
         """Close the connection. Safe to call twice."""

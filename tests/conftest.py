@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -11,21 +12,30 @@ from streambus.bus import Bus
 from tests.servers import ServerProcess, server_binaries
 
 SERVER_KINDS = server_binaries()
+DOCKER_OPT_IN = os.environ.get("STREAMBUS_TEST_DOCKER") == "1"
+"""Opt-in: also run the shared-server tests against a Redis container (testcontainers)."""
 
 
-@pytest.fixture(scope="session", params=sorted(SERVER_KINDS))
-def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="session",
+                params=sorted(SERVER_KINDS) + (["docker"] if DOCKER_OPT_IN else []))
+def redis_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[str]:
     """One server per kind for the session; tests isolate themselves with a namespace."""
     kind: str = request.param
+    if kind == "docker":
+        yield from _container_url()
+        return
     server = ServerProcess(SERVER_KINDS[kind], tmp_path_factory.mktemp(kind)).start()
-    yield server
+    yield server.url
     server.stop()
 
 
-@pytest.fixture
-def redis_url(shared_server: ServerProcess) -> str:
-    return shared_server.url
+def _container_url() -> Iterator[str]:
+    from testcontainers.redis import RedisContainer
+
+    with RedisContainer("redis:7.2") as container:
+        host = container.get_container_host_ip()
+        yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
 
 
 @pytest.fixture

@@ -1,0 +1,199 @@
+"""A coordinator: it blocks until a signal arrives, beats while it blocks, watches its peers.
+
+>>> coordinator = bus.coordinator("epic-7", "coordinator-a",            # doctest: +SKIP
+...                               liveness=Liveness(heartbeat_interval=5, dead_after=120))
+>>> delivery = await coordinator.wait_for("loop2-done", timeout=1800,   # doctest: +SKIP
+...                                       watch=["coordinator-c"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.abc
+
+from streambus.config import DEFAULT_WAIT_TIMEOUT_S
+from streambus.dispatch import Dispatcher, Waiter
+from streambus.errors import (
+    BusUnavailable,
+    InvalidInput,
+    PeerDead,
+    StreambusError,
+    WaitTimeout,
+)
+from streambus.keys import validate_id
+from streambus.liveness import Heartbeater, Liveness, PeerWatch
+from streambus.schema import BlockingEnded, BlockingState, Outcome, encode
+from streambus.store import WaitStart
+
+if TYPE_CHECKING:
+    from streambus.bus import Bus, Delivery
+    from streambus.retries import RetryHandler
+
+log = logging.getLogger("streambus")
+
+_END_WAIT_LIMIT_S: Final = 5.0
+DEFAULT_RECONNECT_BUDGET_S: Final = 300.0
+
+
+class Coordinator:
+    """One coordinator of a swarm: waits for signals on channels, one wait at a time.
+
+    With ``liveness``, the coordinator heartbeats while it waits, and ``watch`` peers are
+    judged by that policy's ``dead_after``.
+    """
+
+    def __init__(self, bus: Bus, swarm: str, coordinator_id: str, *,
+                 liveness: Liveness | None = None) -> None:
+        self.bus = bus
+        self.keys = bus.keys(swarm)
+        self.swarm = swarm
+        self.id = validate_id(coordinator_id, "coordinator id")
+        self.liveness = liveness
+        self._waiter: Waiter | None = None
+
+    def __repr__(self) -> str:
+        waiting = (f" waiting on {self._waiter.channel!r} iteration={self._waiter.iteration}"
+                   if self._waiter else "")
+        return f"<Coordinator {self.id!r} swarm={self.swarm!r}{waiting}>"
+
+    @contextlib.asynccontextmanager
+    async def heartbeating(self, interval: float | None = None) -> AsyncIterator[Heartbeater]:
+        """Beat every ``interval`` (default: the liveness policy's) while the block runs."""
+        seconds = interval or (self.liveness or Liveness()).heartbeat_interval
+        beater = Heartbeater(self.bus.store, self.keys, self.id, seconds)
+        async with anyio.create_task_group() as tg:
+            await tg.start(beater.run)
+            try:
+                yield beater
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def wait_for(
+        self,
+        channel: str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+        iteration: int = 0,
+        watch: Sequence[str] = (),
+        reconnect_budget: float = DEFAULT_RECONNECT_BUDGET_S,
+        on_retry: RetryHandler | None = None,
+    ) -> Delivery:
+        """Block until a signal arrives on ``channel``; acknowledge it and return it.
+
+        The deadline is ``timeout`` from now in *server* time, recorded in the coordinator's
+        blocking state: if this coordinator restarts and waits on the same channel again, the
+        original deadline holds. A signal published before the wait began is delivered at once.
+
+        Raises :class:`WaitTimeout` at the deadline, :class:`PeerDead` when a ``watch`` peer's
+        heartbeats lapse, :class:`BusUnavailable` when Redis stays unreachable for longer than
+        ``reconnect_budget`` seconds. ``on_retry`` handles retry requests sent to this
+        coordinator while it waits (each is acknowledged after the handler returns).
+        """
+        stream = self.keys.channel(channel)
+        peers = [validate_id(peer, "peer id") for peer in watch]
+        if timeout < 0 or reconnect_budget < 0:
+            raise InvalidInput("timeout and reconnect budget must not be negative")
+        start = await self.bus._retrying(lambda: self.bus.store.begin_wait(
+            self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration
+        ))
+        log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
+                 "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
+                 (start.deadline_ms - start.now_ms) / 1000)
+        dispatcher = await self.bus.dispatcher(self.keys)
+        waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
+                        reconnect_budget_s=reconnect_budget)
+        self._waiter = waiter
+        try:
+            return await self._supervised(dispatcher, waiter, start, peers, on_retry)
+        finally:
+            self._waiter = None
+
+    async def _supervised(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart,
+                          peers: list[str], on_retry: RetryHandler | None) -> Delivery:
+        """Block, with the heartbeat, the peer watch and the retry consumer beside the wait."""
+        failure: StreambusError | None = None
+        async with anyio.create_task_group() as tg:
+            if self.liveness is not None:
+                beater = Heartbeater(self.bus.store, self.keys, self.id,
+                                     self.liveness.heartbeat_interval)
+                await tg.start(beater.run)
+            if peers:
+                watch = PeerWatch(self.bus.store, self.keys, peers, self.liveness or Liveness(),
+                                  start.now_ms)
+                tg.start_soon(self._escalate_when_dead, dispatcher, waiter, watch)
+            if on_retry is not None:
+                from streambus.retries import RetryConsumer
+
+                consumer = RetryConsumer(self.bus.store, self.keys, self.id, on_retry)
+                await tg.start(consumer.run)
+            try:
+                delivery = await self._block(dispatcher, waiter, start)
+            except StreambusError as exc:
+                failure = exc  # re-raised outside the task group, not as an ExceptionGroup
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return delivery
+
+    async def _escalate_when_dead(self, dispatcher: Dispatcher, waiter: Waiter,
+                                  watch: PeerWatch) -> None:
+        dead = await watch.run()
+        log.error("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel)
+        while not dispatcher.fail(waiter, dead):
+            if waiter.settled.is_set():
+                return
+            await anyio.sleep(0.001)  # a delivery is mid-flight: let it finish first
+
+    async def _block(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart) -> Delivery:
+        from streambus.bus import Delivery
+
+        dispatcher.add(waiter)
+        try:
+            # The deadline is server time; the local monotonic clock only measures the
+            # remaining span, so a skewed wall clock cannot move it.
+            with anyio.move_on_after(max(0, start.deadline_ms - start.now_ms) / 1000):
+                await waiter.settled.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await dispatcher.withdraw(waiter, abandon=True)
+                if waiter.signal is None or not waiter.ack_id:
+                    await self._end(waiter, Outcome.CANCELLED, "wait cancelled")
+            raise
+        if not waiter.settled.is_set():
+            await dispatcher.withdraw(waiter, abandon=False)
+        if waiter.error is not None:
+            await self._end(waiter, _outcome_of(waiter.error), str(waiter.error))
+            raise waiter.error
+        if waiter.signal is None or not waiter.ack_id:
+            await self._end(waiter, Outcome.TIMEOUT, "deadline reached")
+            raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
+        log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
+                 waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id)
+        return Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id, waiter.iteration)
+
+    async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
+        """Record the end of a wait; best effort when the bus is down."""
+        event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
+                                     iteration=waiter.iteration, outcome=outcome, detail=detail))
+        log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm,
+                 waiter.channel, outcome, detail)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):
+            try:
+                await self.bus.store.end_wait(self.keys, self.id, waiter.channel,
+                                              waiter.iteration, BlockingState.after(outcome),
+                                              event)
+            except BusUnavailable as exc:
+                log.warning("could not record %s for %s: %s", outcome, self.id, exc)
+
+
+def _outcome_of(error: BaseException) -> Outcome:
+    if isinstance(error, PeerDead):
+        return Outcome.PEER_DEAD
+    if isinstance(error, BusUnavailable):
+        return Outcome.BUS_UNAVAILABLE
+    return Outcome.FAILED

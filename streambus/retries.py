@@ -1,0 +1,196 @@
+"""Retry requests: validators ask a coordinator to redo work; it handles them while it blocks.
+
+Each coordinator has a retry stream (``retry:<coordinator>``) read through a consumer group
+named after the coordinator. Every process that consumes it is a consumer of its own
+(``<coordinator>.<instance>``), so entries stranded on a process that died are claimed by the
+next one (``XAUTOCLAIM``) once they have been idle for ``claim_idle``.
+
+**Who may claim what.** Only consumers of a coordinator's own retry group: the same
+coordinator restarted, or a replacement that explicitly takes over that coordinator's queue
+(``RetryConsumer(..., coordinator=dead_id)``). Signal channels need no claiming: their consumer
+name is the coordinator id itself, so a restarted coordinator reads its own pending entries.
+
+**Backpressure.** Each coordinator's backlog (appended, not yet processed) is counted next to
+the stream, atomically with the append and the acknowledgement. Past ``backlog_limit`` (default
+1000), :func:`request_retry` raises :class:`Backpressure`, or with ``wait`` retries until the
+backlog drains or the wait ends. Nothing is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from streambus.dispatch import backoff_delay
+from streambus.errors import Backpressure, BusUnavailable, MalformedEvent
+from streambus.keys import SwarmKeys, validate_id
+from streambus.schema import RetryRequest, decode_fields, encode
+from streambus.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+RetryHandler = Callable[[RetryRequest], Awaitable[None] | None]
+"""Called once per retry request; the request is acknowledged when it returns."""
+
+DEFAULT_BACKLOG_LIMIT: Final = 1000
+_BATCH: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySent:
+    request_id: str
+    stream_id: str
+    duplicate: bool
+
+
+async def request_retry(
+    store: Store,
+    keys: SwarmKeys,
+    request: RetryRequest,
+    *,
+    backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+    wait: float = 0.0,
+) -> RetrySent:
+    """Append ``request`` to its coordinator's retry stream, honouring the backlog limit."""
+    validate_id(request.coordinator, "coordinator id")
+    request_id = validate_id(request.request_id, "request id")
+    raw = encode(request)
+    attempt = 0
+    with anyio.move_on_after(wait):
+        while True:
+            status, value = await store.request_retry(keys, request.coordinator, request_id, raw,
+                                                      backlog_limit)
+            if status != 2:
+                return RetrySent(request_id, value, duplicate=status == 1)
+            backlog = int(value)
+            if wait <= 0:
+                break
+            await anyio.sleep(backoff_delay(attempt))
+            attempt += 1
+    raise Backpressure(request.coordinator, backlog, backlog_limit)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RetryConsumer:
+    """Processes one coordinator's retry requests until cancelled.
+
+    Reads its own pending entries first, then claims entries stranded on dead consumers, then
+    blocks for new ones in batches. A handler failure leaves the request pending; after
+    ``max_attempts`` deliveries it goes to the dead-letter stream, as poison does.
+    """
+
+    def __init__(self, store: Store, keys: SwarmKeys, coordinator: str, handler: RetryHandler,
+                 *, claim_idle: float = 30.0, max_attempts: int = 5, block_ms: int = 1000) -> None:
+        self.store = store
+        self.keys = keys
+        self.coordinator = validate_id(coordinator, "coordinator id")
+        self.consumer = f"{coordinator}.{uuid.uuid4().hex[:12]}"
+        self.stream = keys.retries(coordinator)
+        self.handler = handler
+        self.claim_idle_ms = round(claim_idle * 1000)
+        self.max_attempts = max_attempts
+        self._block_ms = block_ms
+        self.processed = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        self._failures: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return (f"<RetryConsumer {self.coordinator!r} consumer={self.consumer!r} "
+                f"processed={self.processed} failed={self.failed}>")
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        reader = self.store.blocking_reader(block_ms=self._block_ms)
+        try:
+            await self._start()
+            task_status.started()
+            attempt = 0
+            while True:
+                try:
+                    await self._round(reader)
+                    attempt = 0
+                except BusUnavailable as exc:
+                    log.warning("retry consumer %s: %s", self.consumer, exc)
+                    await anyio.sleep(backoff_delay(attempt))
+                    attempt += 1
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reader.aclose()
+
+    async def _start(self) -> None:
+        await self.store.ensure_group(self.stream, self.coordinator)
+        claimed = await self.store.autoclaim(self.stream, self.coordinator, self.consumer,
+                                             self.claim_idle_ms)
+        if claimed:
+            log.info("retry consumer %s claimed %d stranded requests", self.consumer,
+                     len(claimed))
+
+    async def _round(self, reader: Any) -> None:
+        """Pending entries first (claimed, or failed before), then new ones."""
+        pending = await reader.read_group(self.stream, self.coordinator, self.consumer,
+                                          pending=True, count=_BATCH)
+        if pending:
+            await self._process(pending, redelivered=True)
+            return
+        fresh = await reader.read_group(self.stream, self.coordinator, self.consumer,
+                                        pending=False, count=_BATCH)
+        await self._process(fresh, redelivered=False)
+
+    async def _process(self, entries: list[Entry], *, redelivered: bool) -> None:
+        counts = (await self.store.delivery_counts(self.stream, self.coordinator, self.consumer,
+                                                   [e[0] for e in entries])
+                  if redelivered else {})
+        done: list[str] = []
+        for entry in entries:
+            # Re-reading the PEL (ID 0) does not bump the delivery count; claims do. Count
+            # this process's own failures on top of deliveries by earlier owners.
+            earlier = counts.get(entry[0], 1) - 1
+            if await self._handle(entry, earlier + self._failures.get(entry[0], 0)):
+                done.append(entry[0])
+                self._failures.pop(entry[0], None)
+        await self.store.retries_done(self.keys, self.coordinator, done)
+        if len(done) < len(entries):
+            await anyio.sleep(backoff_delay(min(self._failures.values(), default=0)))
+
+    async def _handle(self, entry: Entry, failures: int) -> bool:
+        """Run the handler on one entry; True when it may be acknowledged."""
+        entry_id, fields = entry
+        try:
+            request = decode_fields(fields)
+            if not isinstance(request, RetryRequest):
+                raise MalformedEvent(f"a {type(request).__name__} event on a retry stream")
+        except MalformedEvent as exc:
+            await self._dead_letter(entry, exc.reason)
+            return True
+        if failures >= self.max_attempts:
+            await self._dead_letter(entry, f"handler failed {failures} times")
+            return True
+        try:
+            result = self.handler(request)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.failed += 1
+            self._failures[entry_id] = self._failures.get(entry_id, 0) + 1
+            log.warning("retry handler of %s failed on %s: %r", self.coordinator, entry_id, exc)
+            return False
+        self.processed += 1
+        return True
+
+    async def _dead_letter(self, entry: Entry, reason: str) -> None:
+        """Copy the entry aside; the caller acknowledges it with the batch (backlog shrinks)."""
+        log.warning("retry request %s of %s dead-lettered: %s", entry[0], self.coordinator, reason)
+        await self.store.dead_letter(self.keys, self.stream, self.coordinator, entry, reason,
+                                     ack=False)
+        self.dead_lettered += 1

@@ -1,0 +1,183 @@
+"""Heartbeats, dead peers, outages and budgets: the plan's scenarios 3 and 4, in real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import streambus
+from streambus import BusUnavailable, Liveness, PeerDead, WaitTimeout
+from streambus.bus import Bus, Delivery
+from tests.helpers import until_states
+from tests.servers import ServerProcess
+
+pytestmark = pytest.mark.anyio
+
+FAST = Liveness(heartbeat_interval=0.2, dead_after=1.0, stale_checks=3)
+
+
+@pytest.fixture
+def heartbeat_process(redis_url: str, namespace: str, tmp_path: Path
+                      ) -> Iterator[subprocess.Popen[bytes]]:
+    """A peer coordinator beating every 200 ms from its own OS process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBUS_")}
+    with (tmp_path / "heartbeat.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streambus", "heartbeat", "hb", "peer", "--interval", "200ms",
+             "--redis-url", redis_url, "--namespace", namespace],
+            env=env, stdout=log, stderr=log,
+        )
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+async def _until_beating(bus: Bus, swarm: str, peer: str) -> int:
+    """The peer's first recorded beat (server ms), waiting for it (bounded)."""
+    with anyio.fail_after(10):
+        while True:
+            _, beats = await bus.store.last_beats(bus.keys(swarm), [peer])
+            if beats[peer] is not None:
+                return beats[peer]
+            await anyio.sleep(0.02)
+
+
+async def test_heartbeats_are_recorded_in_server_time(bus: Bus) -> None:
+    coordinator = bus.coordinator("beats", "c", liveness=FAST)
+    async with coordinator.heartbeating() as beater:
+        first = await _until_beating(bus, "beats", "c")
+        with anyio.fail_after(5):
+            while beater.beats < 4:
+                await anyio.sleep(0.05)
+    now_ms, beats = await bus.store.last_beats(bus.keys("beats"), ["c"])
+    last = beats["c"]
+    assert last is not None
+    assert last > first
+    assert 0 <= now_ms - last < 5000
+    entries = await bus.store.read_range(bus.keys("beats").heartbeats)
+    assert len(entries) == beater.beats
+    assert beater.failures == 0
+
+
+async def test_scenario_3_waiter_ends_peer_dead_when_the_watched_process_is_killed(
+    bus: Bus, heartbeat_process: subprocess.Popen[bytes]
+) -> None:
+    await _until_beating(bus, "hb", "peer")
+    coordinator = bus.coordinator("hb", "waiter", liveness=FAST)
+    async with anyio.create_task_group() as tg:
+        caught: list[PeerDead] = []
+
+        async def wait() -> None:
+            with pytest.raises(PeerDead) as excinfo:
+                await coordinator.wait_for("ch", timeout=30, watch=["peer"])
+            caught.append(excinfo.value)
+
+        tg.start_soon(wait)
+        await until_states(bus, "hb", {"waiter": "waiting"})
+        heartbeat_process.kill()  # kill -9: no goodbye, the beats just stop
+        heartbeat_process.wait()
+    assert list(caught[0].peers) == ["peer"]
+    _, beats = await bus.store.last_beats(bus.keys("hb"), ["peer"])
+    [row] = [r for r in await bus.status("hb") if r["coordinator"] == "waiter"]
+    assert row["state"] == "peer_dead"
+    last_beat = beats["peer"]
+    assert last_beat is not None
+    detected_after_s = (row["ended_ms"] - last_beat) / 1000
+    # Server time on both ends: the beat's score and the recorded end of the wait.
+    assert FAST.dead_after < detected_after_s <= FAST.dead_after + FAST.heartbeat_interval + 0.3
+
+
+async def test_a_live_peer_is_never_judged_dead(
+    bus: Bus, heartbeat_process: subprocess.Popen[bytes]
+) -> None:
+    await _until_beating(bus, "hb", "peer")
+    coordinator = bus.coordinator("hb", "waiter", liveness=FAST)
+    with pytest.raises(WaitTimeout):
+        await coordinator.wait_for("ch", timeout=2.5, watch=["peer"])
+    assert heartbeat_process.poll() is None
+
+
+async def test_a_peer_that_never_beat_is_dead_after_dead_after(bus: Bus) -> None:
+    coordinator = bus.coordinator("ghost", "waiter", liveness=FAST)
+    started = anyio.current_time()
+    with pytest.raises(PeerDead):
+        await coordinator.wait_for("ch", timeout=30, watch=["never-started"])
+    assert anyio.current_time() - started >= FAST.dead_after
+
+
+@pytest.fixture
+async def fault_bus(own_server: ServerProcess, namespace: str) -> AsyncIterator[Bus]:
+    async with streambus.connect(own_server.url, namespace=namespace, block_ms=200) as bus:
+        yield bus
+
+
+async def test_being_cut_off_does_not_make_a_live_peer_look_dead(
+    own_server: ServerProcess, fault_bus: Bus
+) -> None:
+    """The waiter and the peer both lose the server for longer than dead_after."""
+    peer = fault_bus.coordinator("cut", "peer", liveness=FAST)
+    waiter = fault_bus.coordinator("cut", "waiter", liveness=FAST)
+    got: list[Delivery] = []
+    async with peer.heartbeating(), anyio.create_task_group() as tg:
+        await _until_beating(fault_bus, "cut", "peer")
+
+        async def wait() -> None:
+            got.append(await waiter.wait_for("ch", timeout=30, watch=["peer"]))
+
+        tg.start_soon(wait)
+        await until_states(fault_bus, "cut", {"waiter": "waiting"})
+        own_server.freeze()
+        await anyio.sleep(FAST.dead_after * 1.5)  # the outage itself
+        own_server.thaw()
+        # Two full dead_after spans of fresh server time with the peer beating again.
+        await anyio.sleep(FAST.dead_after * 2)
+        published = await fault_bus.publish("cut", "ch", "still alive")
+    assert [d.signal.signal_id for d in got] == [published.signal_id]
+
+
+async def test_wait_ends_bus_unavailable_after_the_reconnect_budget(
+    own_server: ServerProcess, fault_bus: Bus
+) -> None:
+    async with anyio.create_task_group() as tg:
+        caught: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                await fault_bus.wait_for("gone", "c", "ch", timeout=30, reconnect_budget=0.5)
+            except BusUnavailable as exc:
+                caught.append(exc)
+
+        tg.start_soon(wait)
+        await until_states(fault_bus, "gone", {"c": "waiting"})
+        own_server.kill()
+        killed_at = anyio.current_time()
+    assert caught, "the wait should have ended with BusUnavailable"
+    assert "reconnect budget" in str(caught[0])
+    assert anyio.current_time() - killed_at < 5
+
+
+async def test_reconnects_within_a_second_of_the_server_returning(
+    own_server: ServerProcess, fault_bus: Bus
+) -> None:
+    """Plan scenario 4: after an outage the first signal arrives well inside a second."""
+    got: list[Delivery] = []
+    async with anyio.create_task_group() as tg:
+        async def wait() -> None:
+            got.append(await fault_bus.wait_for("back", "c", "ch", timeout=30))
+
+        tg.start_soon(wait)
+        await until_states(fault_bus, "back", {"c": "waiting"})
+        own_server.kill()
+        await anyio.sleep(1.5)  # the outage itself: long enough for backoff to reach its cap
+        own_server.start()
+        returned_at = anyio.current_time()
+        await fault_bus.publish("back", "ch", "welcome back")
+    assert got
+    assert anyio.current_time() - returned_at < 1.5
