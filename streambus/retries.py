@@ -62,19 +62,18 @@ async def request_retry(
     validate_id(request.coordinator, "coordinator id")
     request_id = validate_id(request.request_id, "request id")
     raw = encode(request)
+    deadline = anyio.current_time() + wait
     attempt = 0
-    with anyio.move_on_after(wait):
-        while True:
-            status, value = await store.request_retry(keys, request.coordinator, request_id, raw,
-                                                      backlog_limit)
-            if status != 2:
-                return RetrySent(request_id, value, duplicate=status == 1)
-            backlog = int(value)
-            if wait <= 0:
-                break
-            await anyio.sleep(backoff_delay(attempt))
-            attempt += 1
-    raise Backpressure(request.coordinator, backlog, backlog_limit)
+    while True:
+        status, value = await store.request_retry(keys, request.coordinator, request_id, raw,
+                                                  backlog_limit)
+        if status != 2:
+            return RetrySent(request_id, value, duplicate=status == 1)
+        left = deadline - anyio.current_time()
+        if left <= 0:
+            raise Backpressure(request.coordinator, int(value), backlog_limit)
+        await anyio.sleep(min(left, backoff_delay(attempt)))
+        attempt += 1
 
 
 def new_request_id() -> str:
@@ -103,7 +102,6 @@ class RetryConsumer:
         self.processed = 0
         self.failed = 0
         self.dead_lettered = 0
-        self._failures: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (f"<RetryConsumer {self.coordinator!r} consumer={self.consumer!r} "
@@ -153,15 +151,13 @@ class RetryConsumer:
                   if redelivered else {})
         done: list[str] = []
         for entry in entries:
-            # Re-reading the PEL (ID 0) does not bump the delivery count; claims do. Count
-            # this process's own failures on top of deliveries by earlier owners.
-            earlier = counts.get(entry[0], 1) - 1
-            if await self._handle(entry, earlier + self._failures.get(entry[0], 0)):
+            # Every read of a pending entry (ID 0, or a claim) bumps its delivery count, so
+            # deliveries - 1 is how often a handler already failed on it, in any process.
+            if await self._handle(entry, counts.get(entry[0], 1) - 1):
                 done.append(entry[0])
-                self._failures.pop(entry[0], None)
         await self.store.retries_done(self.keys, self.coordinator, done)
         if len(done) < len(entries):
-            await anyio.sleep(backoff_delay(min(self._failures.values(), default=0)))
+            await anyio.sleep(backoff_delay(max(counts.values(), default=1)))
 
     async def _handle(self, entry: Entry, failures: int) -> bool:
         """Run the handler on one entry; True when it may be acknowledged."""
@@ -182,7 +178,6 @@ class RetryConsumer:
                 await result
         except Exception as exc:
             self.failed += 1
-            self._failures[entry_id] = self._failures.get(entry_id, 0) + 1
             log.warning("retry handler of %s failed on %s: %r", self.coordinator, entry_id, exc)
             return False
         self.processed += 1
