@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("coordinator")
     p.add_argument("--interval", type=_duration, default=5.0)
 
+    p = sub.add_parser("watchdog", parents=[common],
+                       help="report coordinators whose heartbeats lapse (CoordinatorDead events)")
+    p.add_argument("swarm")
+    p.add_argument("--dead-after", type=_duration, default=120.0)
+    p.add_argument("--interval", type=_duration, default=5.0)
+
     p = sub.add_parser("retry", parents=[common],
                        help="ask a coordinator to redo work (a retry request)")
     p.add_argument("swarm")
@@ -183,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streambus: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except _Signalled as exc:
-        if args.command == "heartbeat":
+        if args.command in ("heartbeat", "watchdog"):
             return EXIT_OK  # a signal is how a heartbeat is meant to stop
         print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
         return 128 + exc.signum
@@ -289,6 +295,13 @@ async def _heartbeat(bus: Bus, args: argparse.Namespace) -> int:
     return EXIT_OK  # pragma: no cover - only a signal ends it
 
 
+async def _watchdog(bus: Bus, args: argparse.Namespace) -> int:
+    from consumers.watchdog import Watchdog
+
+    await Watchdog(bus, args.swarm, dead_after=args.dead_after, interval=args.interval).run()
+    return EXIT_OK  # pragma: no cover - only a signal ends it
+
+
 async def _retry(bus: Bus, args: argparse.Namespace) -> int:
     sent = await bus.request_retry(
         args.swarm, args.coordinator, reason=args.reason, blockers=args.blockers,
@@ -338,7 +351,7 @@ def _server(args: argparse.Namespace) -> int:
 
 _COMMANDS: Final[dict[str, Command]] = {
     "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
-    "heartbeat": _heartbeat, "retry": _retry,
+    "heartbeat": _heartbeat, "retry": _retry, "watchdog": _watchdog,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -163,6 +163,15 @@ class BlockingEnded(Event, tag="blocking_ended", frozen=True, kw_only=True):
     detail: str = ""
 
 
+class CoordinatorDead(Event, tag="coordinator_dead", frozen=True, kw_only=True):
+    """A watchdog found a coordinator's heartbeats lapsed (all times server ms)."""
+
+    coordinator: str
+    last_beat_ms: int
+    dead_after_ms: int
+    detected_ms: int
+
+
 AnyEvent = (
     Signal
     | Ack
@@ -172,6 +181,7 @@ AnyEvent = (
     | BlockingStarted
     | SignalReceived
     | BlockingEnded
+    | CoordinatorDead
 )
 
 _encoder: Final = msgspec.json.Encoder()

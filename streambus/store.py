@@ -130,7 +130,7 @@ class Store:
         self._scripts = {
             name: self._redis.register_script((_LUA_DIR / f"{name}.lua").read_text())
             for name in ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
-                         "last_beats", "retry_request", "retry_done")
+                         "last_beats", "retry_request", "retry_done", "report_dead")
         }
         self._closed = False
 
@@ -369,6 +369,15 @@ class Store:
         beats = {peer: (int(ms) if int(ms) >= 0 else None)
                  for peer, ms in zip(peers, reply[1:], strict=True)}
         return int(reply[0]), beats
+
+    async def report_dead(self, keys: SwarmKeys, dead_after_ms: int, limit: int = 1000
+                          ) -> list[str]:
+        """Append ``CoordinatorDead`` for each newly lapsed coordinator; return their ids."""
+        with _translated():
+            reply = await self._scripts["report_dead"](
+                keys=[keys.alive, keys.reported_dead, keys.events],
+                args=[dead_after_ms, FIELD, self.limits.events_maxlen, limit])
+        return [c.decode() for c in reply]
 
     async def request_retry(self, keys: SwarmKeys, coordinator: str, request_id: str,
                             event: bytes, backlog_limit: int) -> tuple[int, str]:

@@ -183,3 +183,27 @@ async def test_reconnects_within_a_second_of_the_server_returning(
         await fault_bus.publish("back", "ch", "welcome back")
     assert got
     assert anyio.current_time() - returned_at < 1.5
+
+
+async def test_watchdog_reports_a_lapsed_coordinator_once(bus: Bus) -> None:
+    from consumers.watchdog import Watchdog
+    from streambus.schema import CoordinatorDead, decode_fields
+
+    short = Liveness(heartbeat_interval=0.1, dead_after=0.5)
+    async with bus.coordinator("wd", "mortal", liveness=short).heartbeating():
+        await _until_beating(bus, "wd", "mortal")
+    first = Watchdog(bus, "wd", dead_after=0.5, interval=0.1)
+    second = Watchdog(bus, "wd", dead_after=0.5, interval=0.1)
+    assert await first.check() == []  # it only just stopped beating
+    with anyio.fail_after(5):
+        while True:
+            if await first.check() or await second.check():
+                break
+            await anyio.sleep(0.05)
+    assert await first.check() == []
+    assert await second.check() == []
+    assert first.reported + second.reported == ["mortal"]
+    events = [decode_fields(f) for _, f in await bus.store.read_range(bus.keys("wd").events)]
+    dead = [e for e in events if isinstance(e, CoordinatorDead)]
+    assert [e.coordinator for e in dead] == ["mortal"]
+    assert dead[0].detected_ms - dead[0].last_beat_ms > 500

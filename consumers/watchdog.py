@@ -1,0 +1,73 @@
+"""The watchdog: reports every coordinator whose heartbeats lapse, whether or not anyone waits.
+
+Every ``interval`` it appends a ``CoordinatorDead`` event to the swarm's lifecycle stream for
+each coordinator whose last beat (server time) is older than ``dead_after``, once per lapse.
+Several watchdogs may run at once: the report is one atomic script, so none is doubled.
+
+Run it as ``streambus watchdog SWARM [--dead-after 2m] [--interval 5s]`` or
+``python -m consumers.watchdog SWARM``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from streambus.bus import Bus
+from streambus.dispatch import backoff_delay
+from streambus.errors import BusUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """Reports lapsed coordinators of one swarm until cancelled."""
+
+    def __init__(self, bus: Bus, swarm: str, *, dead_after: float = 120.0,
+                 interval: float = 5.0) -> None:
+        self.bus = bus
+        self.keys = bus.keys(swarm)
+        self.dead_after_ms = round(dead_after * 1000)
+        self.interval = interval
+        self.reported: list[str] = []
+
+    def __repr__(self) -> str:
+        return (f"<Watchdog swarm={self.keys.swarm!r} dead_after={self.dead_after_ms}ms "
+                f"reported={len(self.reported)}>")
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        await self.check()
+        task_status.started()
+        attempt = 0
+        while True:
+            await anyio.sleep(self.interval if attempt == 0 else backoff_delay(attempt))
+            try:
+                await self.check()
+                attempt = 0
+            except BusUnavailable as exc:
+                log.warning("watchdog %s: %s", self.keys.swarm, exc)
+                attempt += 1
+
+    async def check(self) -> list[str]:
+        """One pass: report the coordinators that lapsed since the last pass."""
+        dead = await self.bus.store.report_dead(self.keys, self.dead_after_ms)
+        for coordinator in dead:
+            log.error("swarm %s: coordinator %s is dead (no heartbeat for %.1f s)",
+                      self.keys.swarm, coordinator, self.dead_after_ms / 1000)
+        self.reported.extend(dead)
+        return dead
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from streambus.cli import main as cli_main
+
+    return cli_main(["watchdog", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
