@@ -26,6 +26,7 @@ from streambus.liveness import Liveness
 from streambus.retries import DEFAULT_BACKLOG_LIMIT, RetrySent, new_request_id, request_retry
 from streambus.schema import (
     BlockingState,
+    Event,
     RetryRequest,
     Signal,
     encode,
@@ -171,7 +172,7 @@ class Bus:
             validate_id(sender, "sender id")
         event = Signal(signal_id=signal_id, swarm=swarm, channel=channel, sender=sender,
                        payload=payload, trace=trace or {})
-        raw = _encode_payload(event)
+        raw = _encode_checked(event)
         stream_id, duplicate = await self._retrying(
             lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
         )
@@ -179,7 +180,12 @@ class Bus:
                  " (duplicate)" if duplicate else "")
         acked: tuple[str, ...] = ()
         if awaited:
-            acked = await self.wait_for_acks(swarm, signal_id, awaited, timeout=ack_timeout)
+            try:
+                acked = await self.wait_for_acks(swarm, signal_id, awaited, timeout=ack_timeout)
+            except AckTimeout as exc:
+                exc.published = Published(signal_id, stream_id, duplicate,
+                                          acked_by=exc.acked_by, missing_acks=exc.missing)
+                raise
         return Published(signal_id, stream_id, duplicate, acked_by=acked)
 
     async def request_retry(
@@ -206,7 +212,7 @@ class Bus:
             request_id=validate_id(request_id or new_request_id(), "request id"),
             requested_by=requested_by, reason=reason, blockers=list(blockers), payload=payload,
             iteration=iteration)
-        _check_size(encode(request))
+        _encode_checked(request)
         return await request_retry(self.store, self.keys(swarm), request,
                                    backlog_limit=backlog_limit, wait=wait)
 
@@ -298,11 +304,14 @@ class Bus:
         return sorted(rows, key=lambda r: r.get("coordinator", ""))
 
 
-def _encode_payload(event: Signal) -> bytes:
+def _encode_checked(event: Event) -> bytes:
+    """Encode an event built from caller input: bad payloads are InvalidInput, not crashes."""
     try:
         raw = encode(event)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
         raise InvalidInput(f"payload is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("payload is nested too deeply to encode") from None
     return _check_size(raw)
 
 

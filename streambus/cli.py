@@ -65,6 +65,8 @@ def _json(text: str) -> Any:
         return json.loads(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"invalid JSON payload: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("invalid JSON payload: nested too deeply") from None
 
 
 def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -267,8 +269,7 @@ async def _signal(bus: Bus, args: argparse.Namespace) -> int:
             signal_id=args.signal_id, await_acks=args.await_ack, ack_timeout=args.ack_timeout,
         )
     except AckTimeout as exc:
-        _print({"signal_id": exc.signal_id, "acked_by": list(exc.acked_by),
-                "missing_acks": list(exc.missing), "error": "ack_timeout"})
+        _print({**exc.published.as_dict(), "error": "ack_timeout"})
         print(f"streambus: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
     _print(published.as_dict())

@@ -7,6 +7,7 @@ else; code above the store never sees a ``redis.exceptions`` class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class StreambusError(Exception):
@@ -66,6 +67,8 @@ class AckTimeout(StreambusError, TimeoutError):
         self.signal_id = signal_id
         self.acked_by = tuple(acked_by)
         self.missing = tuple(missing)
+        self.published: Any = None
+        """The publish's result (``streambus.Published``), when a publish was waiting."""
 
 
 class PeerDead(StreambusError):

@@ -200,6 +200,8 @@ def decode(raw: bytes) -> AnyEvent:
         return event
     except msgspec.DecodeError as exc:
         raise MalformedEvent(f"undecodable event: {exc}") from None
+    except RecursionError:
+        raise MalformedEvent("undecodable event: nested too deeply") from None
 
 
 def decode_fields(fields: dict[bytes, bytes] | None) -> AnyEvent:

@@ -1,0 +1,1 @@
+"""Latency benchmarks for streambus; run one with ``python -m benchmarks.<name>``."""
