@@ -116,6 +116,8 @@ class Coordinator:
     async def _supervised(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart,
                           peers: list[str], on_retry: RetryHandler | None) -> Delivery:
         """Block, with the heartbeat, the peer watch and the retry consumer beside the wait."""
+        if self.liveness is None and not peers and on_retry is None:
+            return await self._block(dispatcher, waiter, start)  # nothing to run beside it
         failure: StreambusError | None = None
         async with anyio.create_task_group() as tg:
             if self.liveness is not None:

@@ -188,6 +188,9 @@ class Dispatcher:
         if self._reader.client_id is None:
             await self._reader.connect()
             return  # waiters may have arrived meanwhile: look again before blocking
+        if (solo := self._solo()) is not None:
+            await self._serve_solo(solo)
+            return
         self._blocked = True
         try:
             grown = await self._reader.read(self._cursors_of_watched())
@@ -197,6 +200,44 @@ class Dispatcher:
             if entries:
                 self._cursors[stream] = entries[-1][0]
                 self._dirty.update(self._by_stream.get(stream, ()))
+
+    def _solo(self) -> Waiter | None:
+        """The only waiter, when there is exactly one (the common case of one process each)."""
+        if len(self._by_stream) != 1:
+            return None
+        [watchers] = self._by_stream.values()
+        if len(watchers) != 1:
+            return None
+        [waiter] = watchers
+        return waiter
+
+    async def _serve_solo(self, waiter: Waiter) -> None:
+        """One waiter: block in its own ``XREADGROUP`` (one round trip less than ``XREAD``).
+
+        A delivery that arrives after the waiter gave up stays in its PEL, where the
+        coordinator's next wait reads it first; the stream's cursor is dropped, so if other
+        waiters join later the stream is probed afresh.
+        """
+        self._cursors.pop(waiter.stream, None)
+        self._blocked = True
+        try:
+            entries = await self._reader.read_group(waiter.stream, waiter.coordinator,
+                                                    waiter.coordinator, pending=False, count=1)
+        except GroupMissing:
+            await self.store.ensure_group(waiter.stream, waiter.coordinator)
+            return
+        finally:
+            self._blocked = False
+        if not entries or waiter.settled.is_set() or waiter not in self._by_stream.get(
+                waiter.stream, ()):
+            return
+        waiter.in_flight = True
+        try:
+            receipt = await self._receipt_or_dead_letter(waiter, entries[0])
+            if receipt is not None:
+                await self._acknowledge([(waiter, receipt)])
+        finally:
+            waiter.in_flight = False
 
     async def _serve_dirty(self) -> None:
         batch = [w for w in self._dirty if not w.settled.is_set()]

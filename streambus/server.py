@@ -119,8 +119,10 @@ def stop_server(directory: Path | None = None) -> ServerInfo | None:
     info = read_info(directory)
     if info is None:
         return None
-    with contextlib.suppress(redis.RedisError):
-        redis.Redis.from_url(info.url, socket_timeout=5).shutdown(nosave=False)
+    with contextlib.suppress(redis.RedisError), redis.Redis.from_url(
+        info.url, socket_timeout=5
+    ) as client:
+        client.shutdown(nosave=False)
     with contextlib.suppress(OSError):
         (directory / "server.json").unlink()
     return info
@@ -192,7 +194,8 @@ def _await_ready(url: str, process: subprocess.Popen[bytes], daemonize: bool,
 
 def _answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+        with redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1) as client:
+            return bool(client.ping())
     except redis.RedisError:
         return False
 

@@ -10,8 +10,9 @@ retrying is decided above the store, where it is known to be safe.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -127,11 +128,7 @@ class Store:
         # redis-py's reply types are unions too wide to be useful; replies are converted to
         # our own types right here, so the client is typed as Any on purpose.
         self._redis: Any = aioredis.Redis.from_pool(self._pool)
-        self._scripts = {
-            name: self._redis.register_script((_LUA_DIR / f"{name}.lua").read_text())
-            for name in ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
-                         "last_beats", "retry_request", "retry_done", "report_dead")
-        }
+        self._scripts = _Scripts(self._redis)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -233,19 +230,17 @@ class Store:
         (``WAITAOF 1 0``, Redis >= 7.2 / Valkey); "replicated" that a replica has it
         (``WAIT 1``). Both run on the publish's own connection, as they must.
         """
+        def build(pipe: Any) -> None:
+            self._scripts.queue(
+                pipe, "publish", keys=[keys.dedupe(signal_id), keys.channel(channel)],
+                args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD])
+            if durability == "fsync":
+                pipe.execute_command("WAITAOF", 1, 0, durability_timeout_ms)
+            elif durability == "replicated":
+                pipe.execute_command("WAIT", 1, durability_timeout_ms)
+
         with _translated():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._scripts["publish"](
-                    keys=[keys.dedupe(signal_id), keys.channel(channel)],
-                    args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms,
-                          FIELD],
-                    client=pipe,
-                )
-                if durability == "fsync":
-                    pipe.execute_command("WAITAOF", 1, 0, durability_timeout_ms)
-                elif durability == "replicated":
-                    pipe.execute_command("WAIT", 1, durability_timeout_ms)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._scripts.pipeline(build)
         published = replies[0]
         if isinstance(published, BaseException):
             raise _as_streambus(published)
@@ -259,8 +254,8 @@ class Store:
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
         with _translated():
-            now, deadline, iteration, resumed = await self._scripts["begin_wait"](
-                keys=[keys.state(coordinator), keys.channel(channel), keys.events,
+            now, deadline, iteration, resumed = await self._scripts.call(
+                "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
                       keys.coordinators],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
                       self.limits.events_maxlen],
@@ -278,8 +273,8 @@ class Store:
     ) -> bool:
         """Record how a wait ended, if it is still the open wait. False: already ended."""
         with _translated():
-            changed = await self._scripts["end_wait"](
-                keys=[keys.state(coordinator), keys.events, keys.coordinators],
+            changed = await self._scripts.call(
+                "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
                 args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
                       self.limits.events_maxlen],
             )
@@ -292,24 +287,35 @@ class Store:
         keys = receipts[0].keys
         if any(r.keys != keys for r in receipts):
             raise ValueError("receive_many takes the receipts of one swarm")
+        def call_args(chunk: Sequence[Receipt]) -> dict[str, Any]:
+            return {
+                "keys": [keys.acks, keys.events, keys.coordinators, *(
+                    k for r in chunk for k in (
+                        keys.channel(r.channel), keys.acked(r.signal_id),
+                        keys.state(r.coordinator)))],
+                "args": [FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
+                         self.limits.dedupe_ttl_s, *(
+                             a for r in chunk for a in (
+                                 r.coordinator, r.stream_id, r.signal_id, r.ack_event,
+                                 r.received_event, r.ended_event))],
+            }
+
+        chunks = _chunks(receipts)
         with _translated():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for chunk in _chunks(receipts):
-                    await self._scripts["receive"](
-                        keys=[keys.acks, keys.events, keys.coordinators, *(
-                            k for r in chunk for k in (
-                                keys.channel(r.channel), keys.acked(r.signal_id),
-                                keys.state(r.coordinator)))],
-                        args=[FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
-                              self.limits.dedupe_ttl_s, *(
-                                  a for r in chunk for a in (
-                                      r.coordinator, r.stream_id, r.signal_id, r.ack_event,
-                                      r.received_event, r.ended_event))],
-                        client=pipe,
-                    )
-                replies = await pipe.execute(raise_on_error=False)
+            if len(chunks) == 1:  # the common case, without a pipeline's overhead
+                try:
+                    replies: list[Any] = [await self._scripts.call("receive",
+                                                                  **call_args(chunks[0]))]
+                except rex.ResponseError as exc:
+                    replies = [exc]
+            else:
+                def build(pipe: Any) -> None:
+                    for chunk in chunks:
+                        self._scripts.queue(pipe, "receive", **call_args(chunk))
+
+                replies = await self._scripts.pipeline(build)
         out: list[str | BaseException] = []
-        for chunk, reply in zip(_chunks(receipts), replies, strict=True):
+        for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, BaseException):
                 out.extend([_as_streambus(reply)] * len(chunk))
             else:
@@ -326,18 +332,17 @@ class Store:
         The reads run as one script call per chunk: each waiter's ``XREADGROUP ... COUNT 1``,
         delivering into its PEL and acknowledging nothing.
         """
+        def build(pipe: Any) -> None:
+            for stream in probes:
+                pipe.xrevrange(stream, count=1)
+            for chunk in _chunks(reads):
+                self._scripts.queue(
+                    pipe, "deliver", keys=[read.stream for read in chunk],
+                    args=[a for read in chunk
+                          for a in (read.group, "0" if read.pending else ">")])
+
         with _translated():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for stream in probes:
-                    pipe.xrevrange(stream, count=1)
-                for chunk in _chunks(reads):
-                    await self._scripts["deliver"](
-                        keys=[read.stream for read in chunk],
-                        args=[a for read in chunk
-                              for a in (read.group, "0" if read.pending else ">")],
-                        client=pipe,
-                    )
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._scripts.pipeline(build)
         last_ids = []
         for reply in replies[: len(probes)]:
             if isinstance(reply, Exception):
@@ -354,8 +359,8 @@ class Store:
     async def beat(self, keys: SwarmKeys, coordinator: str, event: bytes) -> int:
         """Record one heartbeat; return its server time (ms)."""
         with _translated():
-            now = await self._scripts["beat"](
-                keys=[keys.heartbeats, keys.alive],
+            now = await self._scripts.call(
+                "beat", keys=[keys.heartbeats, keys.alive],
                 args=[coordinator, event, self.limits.heartbeat_retention_ms, FIELD],
             )
         return int(now)
@@ -365,7 +370,7 @@ class Store:
     ]:
         """Server now (ms) and each peer's last beat (ms, ``None`` if it never beat)."""
         with _translated():
-            reply = await self._scripts["last_beats"](keys=[keys.alive], args=list(peers))
+            reply = await self._scripts.call("last_beats", keys=[keys.alive], args=list(peers))
         beats = {peer: (int(ms) if int(ms) >= 0 else None)
                  for peer, ms in zip(peers, reply[1:], strict=True)}
         return int(reply[0]), beats
@@ -374,8 +379,8 @@ class Store:
                           ) -> list[str]:
         """Append ``CoordinatorDead`` for each newly lapsed coordinator; return their ids."""
         with _translated():
-            reply = await self._scripts["report_dead"](
-                keys=[keys.alive, keys.reported_dead, keys.events],
+            reply = await self._scripts.call(
+                "report_dead", keys=[keys.alive, keys.reported_dead, keys.events],
                 args=[dead_after_ms, FIELD, self.limits.events_maxlen, limit])
         return [c.decode() for c in reply]
 
@@ -383,8 +388,8 @@ class Store:
                             event: bytes, backlog_limit: int) -> tuple[int, str]:
         """Append a retry request: ``(0, id)`` new, ``(1, id)`` duplicate, ``(2, backlog)`` full."""
         with _translated():
-            status, value = await self._scripts["retry_request"](
-                keys=[keys.retry_dedupe(request_id), keys.retries(coordinator),
+            status, value = await self._scripts.call(
+                "retry_request", keys=[keys.retry_dedupe(request_id), keys.retries(coordinator),
                       keys.retry_backlog],
                 args=[coordinator, event, backlog_limit, self.limits.dedupe_ttl_s, FIELD],
             )
@@ -395,8 +400,9 @@ class Store:
         if not ids:
             return 0
         with _translated():
-            return int(await self._scripts["retry_done"](
-                keys=[keys.retries(coordinator), keys.retry_backlog], args=[coordinator, *ids]))
+            return int(await self._scripts.call(
+                "retry_done", keys=[keys.retries(coordinator), keys.retry_backlog],
+                args=[coordinator, *ids]))
 
     async def delivery_counts(self, stream: str, group: str, consumer: str,
                               ids: Sequence[str]) -> dict[str, int]:
@@ -492,6 +498,53 @@ def _field_map(flat: Any) -> dict[bytes, bytes] | None:
     if not flat:
         return None
     return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class _Scripts:
+    """The Lua scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
+    e.g. after a restart).
+
+    redis-py's ``Script`` objects are not used in pipelines: there they send ``SCRIPT EXISTS``
+    before every pipeline, a hidden extra round trip on the signal path.
+    """
+
+    _NAMES: Final = ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
+                     "last_beats", "retry_request", "retry_done", "report_dead")
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._source = {name: (_LUA_DIR / f"{name}.lua").read_text() for name in self._NAMES}
+        self._sha = {name: hashlib.sha1(text.encode()).hexdigest()
+                     for name, text in self._source.items()}
+
+    async def call(self, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script (callers translate errors)."""
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except rex.NoScriptError:
+            await self._client.script_load(self._source[name])
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Add one script call to a pipeline being built for :meth:`pipeline`."""
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands ``build`` queues, in one round trip; replies or exceptions.
+
+        A script missing on the server did not run at all (``NOSCRIPT`` comes before
+        execution), so loading the scripts and running the pipeline once more is safe.
+        """
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, rex.NoScriptError) for r in replies):
+                for text in self._source.values():
+                    await self._client.script_load(text)
+                continue
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class BlockingReader:

@@ -63,17 +63,19 @@ class ServerProcess:
         return self
 
     def _await_ready(self, timeout: float = 10.0) -> None:
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.binary.name} exited; see {self.directory}/server.log")
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.01)
+        with redis.Redis.from_url(self.url, socket_timeout=0.5,
+                                  socket_connect_timeout=0.5) as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.binary.name} exited; see {self.directory}/server.log")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    time.sleep(0.01)
         raise RuntimeError(f"{self.binary.name} did not answer on port {self.port}")
 
     def kill(self) -> None:
@@ -93,9 +95,6 @@ class ServerProcess:
     def restart(self) -> None:
         self.kill()
         self.start()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
