@@ -52,14 +52,23 @@ def _translated() -> Iterator[None]:
         raise _translate_response(exc) from exc
 
 
+_NOT_READY: Final = (rex.BusyLoadingError, rex.ReadOnlyError, rex.TryAgainError,
+                     rex.MasterDownError, rex.ClusterDownError)
+
+
 def _translate_response(exc: rex.ResponseError) -> StreambusError:
+    # redis-py strips the error code from the errors it maps to classes (LOADING, OOM, ...),
+    # so those are told apart by class; the rest by their code.
     message = str(exc)
+    if isinstance(exc, _NOT_READY):
+        return BusUnavailable(f"Redis not ready: {message}")
+    if isinstance(exc, rex.OutOfMemoryError):
+        # Transient by design: TTLs expire and trims run, so callers retry within budgets.
+        return BusUnavailable(f"Redis out of memory (maxmemory reached): {message}")
     if message.startswith("NOGROUP"):
         return GroupMissing(message)
     if message.startswith("UNBLOCKED"):
         return _Unblocked(message)
-    if message.startswith(("LOADING", "MASTERDOWN", "TRYAGAIN", "READONLY")):
-        return BusUnavailable(f"Redis not ready: {message}")
     return StreambusError(f"Redis error: {message}")
 
 

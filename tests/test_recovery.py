@@ -130,3 +130,23 @@ async def test_many_waiters_in_one_process_share_one_blocking_connection(bus: Bu
     assert {d.signal.signal_id for d in got} == {published.signal_id}
     # 300 blocked waiters, yet only the pool (<= 32), one dispatcher and one ACK reader.
     assert clients_before <= 40
+
+
+async def test_out_of_memory_is_a_clear_bus_unavailable_and_loses_nothing(
+    own_server: ServerProcess, namespace: str
+) -> None:
+    """FMEA memory exhaustion: at maxmemory (noeviction) writes fail cleanly, nothing half-done."""
+    async with streambus.connect(own_server.url, namespace=namespace,
+                                 publish_retry_budget_s=0.3) as bus:
+        accepted = await bus.publish("oom", "ch", "before the limit")
+        raw = bus.store._redis
+        await raw.config_set("maxmemory-policy", "noeviction")
+        await raw.config_set("maxmemory", 1)  # 1 byte: every write is refused
+        with pytest.raises(streambus.BusUnavailable, match="out of memory"):
+            await bus.publish("oom", "ch", "over the limit", signal_id="refused")
+        await raw.config_set("maxmemory", 0)
+        assert await raw.exists(bus.keys("oom").dedupe("refused")) == 0
+        delivery = await bus.wait_for("oom", "c", "ch", timeout=5)
+        assert delivery.signal.signal_id == accepted.signal_id
+        retried = await bus.publish("oom", "ch", "over the limit", signal_id="refused")
+        assert not retried.duplicate
