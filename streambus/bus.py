@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streambus")
 
+T = TypeVar("T")
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 _END_WAIT_LIMIT_S: Final = 5.0
 
@@ -173,7 +174,7 @@ class Bus:
         event = Signal(signal_id=signal_id, swarm=swarm, channel=channel, sender=sender,
                        payload=payload, trace=trace or {})
         raw = _encode_checked(event)
-        stream_id, duplicate = await self._retrying(
+        stream_id, duplicate = await self.retrying(
             lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
         )
         log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel, stream_id,
@@ -247,18 +248,20 @@ class Bus:
         have = [c for c in wanted if c in acked]
         raise AckTimeout(signal_id, have, [c for c in wanted if c not in acked])
 
-    async def _retrying(self, operation: Any) -> Any:
+    async def retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent operation, retrying connection errors with capped, jittered
+        backoff for ``publish_retry_budget_s`` (each attempt is bounded by the socket timeout).
+        """
         attempt = 0
-        with anyio.fail_after(self.publish_retry_budget_s + 5):
-            started = anyio.current_time()
-            while True:
-                try:
-                    return await operation()
-                except BusUnavailable:
-                    if anyio.current_time() - started > self.publish_retry_budget_s:
-                        raise
-                    await anyio.sleep(backoff_delay(attempt))
-                    attempt += 1
+        started = anyio.current_time()
+        while True:
+            try:
+                return await operation()
+            except BusUnavailable:
+                if anyio.current_time() - started > self.publish_retry_budget_s:
+                    raise
+                await anyio.sleep(backoff_delay(attempt))
+                attempt += 1
 
     # -- waiting -------------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ class Coordinator:
         peers = [validate_id(peer, "peer id") for peer in watch]
         if timeout < 0 or reconnect_budget < 0:
             raise InvalidInput("timeout and reconnect budget must not be negative")
-        start = await self.bus._retrying(lambda: self.bus.store.begin_wait(
+        start = await self.bus.retrying(lambda: self.bus.store.begin_wait(
             self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration
         ))
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
