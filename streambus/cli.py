@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("signal", parents=[common], help="publish a signal on a channel")
     p.add_argument("swarm")
     p.add_argument("channel")
-    p.add_argument("--sender", default="")
+    p.add_argument("--sender", default=None)
     p.add_argument("--payload", type=_json, default=None, help="JSON payload")
     p.add_argument("--signal-id", default=None, help="idempotency key (default: random)")
     p.add_argument("--await-ack", action="append", default=[], metavar="COORDINATOR",
@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (_UsageError, InvalidInput) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    # Without -v the CLI's stderr is its one-line verdict; the library's logs (transitions,
+    # reconnect attempts) are for -v.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
                         stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if args.command == "server":
@@ -200,18 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _validate(args: argparse.Namespace) -> None:
     """Check every id before anything connects, so invalid input writes nothing."""
     settings = Settings.resolve(args.redis_url, args.namespace)
-    if swarm := getattr(args, "swarm", None):
+    # ``is not None``, not truthiness: an empty id ("$UNSET_VAR") is invalid, not "not given".
+    if (swarm := getattr(args, "swarm", None)) is not None:
         keys = SwarmKeys.for_swarm(settings.namespace, swarm)
-        if channel := getattr(args, "channel", None):
+        if (channel := getattr(args, "channel", None)) is not None:
             keys.channel(channel)
     for name in ("coordinator", "sender", "signal_id"):
-        if value := getattr(args, name, None):
+        if (value := getattr(args, name, None)) is not None:
             validate_id(value, name.replace("_", " "))
     for coordinator in getattr(args, "await_ack", []):
         validate_id(coordinator, "coordinator id")
     for peer in getattr(args, "watch", []):
         validate_id(peer, "peer id")
-    if request_id := getattr(args, "request_id", None):
+    if (request_id := getattr(args, "request_id", None)) is not None:
         validate_id(request_id, "request id")
     for name in ("interval", "heartbeat_interval", "dead_after"):
         if (value := getattr(args, name, None)) is not None and value <= 0:
@@ -265,7 +268,7 @@ def _print(obj: Any) -> None:
 async def _signal(bus: Bus, args: argparse.Namespace) -> int:
     try:
         published = await bus.publish(
-            args.swarm, args.channel, args.payload, sender=args.sender,
+            args.swarm, args.channel, args.payload, sender=args.sender or "",
             signal_id=args.signal_id, await_acks=args.await_ack, ack_timeout=args.ack_timeout,
         )
     except AckTimeout as exc:

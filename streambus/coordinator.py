@@ -145,7 +145,7 @@ class Coordinator:
     async def _escalate_when_dead(self, dispatcher: Dispatcher, waiter: Waiter,
                                   watch: PeerWatch) -> None:
         dead = await watch.run()
-        log.error("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel)
+        log.warning("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel)
         while not dispatcher.fail(waiter, dead):
             if waiter.settled.is_set():
                 return
