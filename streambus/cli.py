@@ -42,6 +42,17 @@ EXIT_BACKPRESSURE: Final = 5
 EXIT_USAGE: Final = 64
 
 
+_EXIT_CODES: Final[tuple[tuple[type[StreambusError], int], ...]] = (
+    (InvalidInput, EXIT_USAGE),
+    (WaitTimeout, EXIT_TIMEOUT),
+    (PeerDead, EXIT_PEER_DEAD),
+    (Backpressure, EXIT_BACKPRESSURE),
+    (BusUnavailable, EXIT_UNAVAILABLE),
+    (StreambusError, EXIT_ERROR),
+)
+"""The exit code of each error, most specific first."""
+
+
 class _UsageError(Exception):
     pass
 
@@ -174,24 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "server":
             return _server(args)
         return anyio.run(_run_with_signals, _COMMANDS[args.command], args)
-    except InvalidInput as exc:
-        print(f"streambus: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except WaitTimeout as exc:
-        print(f"streambus: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except PeerDead as exc:
-        print(f"streambus: {exc}", file=sys.stderr)
-        return EXIT_PEER_DEAD
-    except Backpressure as exc:
-        print(f"streambus: {exc}", file=sys.stderr)
-        return EXIT_BACKPRESSURE
-    except BusUnavailable as exc:
-        print(f"streambus: bus unavailable: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
     except StreambusError as exc:
-        print(f"streambus: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        code = next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
+        prefix = "bus unavailable: " if code == EXIT_UNAVAILABLE else ""
+        print(f"streambus: {prefix}{exc}", file=sys.stderr)
+        return code
     except _Signalled as exc:
         if args.command in ("heartbeat", "watchdog"):
             return EXIT_OK  # a signal is how a heartbeat is meant to stop

@@ -9,6 +9,7 @@ import pytest
 
 import streambus
 from streambus.bus import Bus
+from tests.clitools import Cli
 from tests.servers import ServerProcess, server_binaries
 
 SERVER_KINDS = server_binaries()
@@ -63,3 +64,16 @@ def own_server(tmp_path: Path) -> Iterator[ServerProcess]:
     if server.process is not None and server.process.poll() is None:
         server.thaw()  # a test may end with the server frozen
     server.stop()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """Runs ``python -m streambus``; kills every process it started at teardown."""
+    runner = Cli(tmp_path / "streambus-home")
+    yield runner
+    runner.close()
+
+
+@pytest.fixture
+def bus_args(redis_url: str, namespace: str) -> list[str]:
+    return ["--redis-url", redis_url, "--namespace", namespace]

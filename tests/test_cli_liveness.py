@@ -28,8 +28,7 @@ import redis
 
 from streambus.keys import SwarmKeys
 from streambus.schema import CoordinatorDead, RetryRequest, decode_fields
-from tests.servers import ServerProcess
-from tests.test_cli import (
+from tests.clitools import (
     PROCESS_TIMEOUT_S,
     STREAM_ID,
     Cli,
@@ -40,22 +39,10 @@ from tests.test_cli import (
     status,
     until_states,
 )
+from tests.servers import ServerProcess
 
 SKEW_S = 300.0
 """Five minutes: far more than any deadline or dead-after used here."""
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    """Kills every process it started at teardown (whatever the test did)."""
-    runner = Cli(tmp_path / "streambus-home")
-    yield runner
-    runner.close()
-
-
-@pytest.fixture
-def bus_args(redis_url: str, namespace: str) -> list[str]:
-    return ["--redis-url", redis_url, "--namespace", namespace]
 
 
 @pytest.fixture
