@@ -21,13 +21,14 @@ from streambus.dispatch import Dispatcher, Waiter
 from streambus.errors import (
     BusUnavailable,
     InvalidInput,
+    MalformedEvent,
     PeerDead,
     StreambusError,
     WaitTimeout,
 )
 from streambus.keys import validate_id
 from streambus.liveness import Heartbeater, Liveness, PeerWatch
-from streambus.schema import BlockingEnded, BlockingState, Outcome, encode
+from streambus.schema import BlockingEnded, BlockingState, Outcome, Signal, decode_fields, encode
 from streambus.store import WaitStart
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class Coordinator:
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
                  "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
                  (start.deadline_ms - start.now_ms) / 1000)
+        if start.received_stream_id:
+            return await self._recorded(channel, start)
         dispatcher = await self.bus.dispatcher(self.keys)
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
                         reconnect_budget_s=reconnect_budget)
@@ -112,6 +115,22 @@ class Coordinator:
             return await self._supervised(dispatcher, waiter, start, peers, on_retry)
         finally:
             self._waiter = None
+
+    async def _recorded(self, channel: str, start: WaitStart) -> Delivery:
+        """The signal this iteration already received (waiting again is idempotent)."""
+        from streambus.bus import Delivery
+
+        entry = await self.bus.store.entry(self.keys.channel(channel), start.received_stream_id)
+        if entry is None:
+            raise StreambusError(f"iteration {start.iteration} of {self.id!r} received signal "
+                                 f"{start.received_stream_id}, which has since been trimmed")
+        signal = decode_fields(entry[1])
+        if not isinstance(signal, Signal):
+            raise MalformedEvent(f"entry {entry[0]} is a {type(signal).__name__}, not a signal")
+        ack_id = await self.bus.store.ack_id(self.keys, signal.signal_id, self.id)
+        log.info("coordinator %s: iteration %d already received %s", self.id, start.iteration,
+                 signal.signal_id)
+        return Delivery(signal, self.id, entry[0], ack_id, start.iteration)
 
     async def _supervised(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart,
                           peers: list[str], on_retry: RetryHandler | None) -> Delivery:
@@ -168,6 +187,8 @@ class Coordinator:
             raise
         if not waiter.settled.is_set():
             await dispatcher.withdraw(waiter, abandon=False)
+        if waiter.unconfirmed is not None and not waiter.ack_id:
+            await self._confirm(waiter)
         if waiter.error is not None:
             await self._end(waiter, _outcome_of(waiter.error), str(waiter.error))
             raise waiter.error
@@ -177,6 +198,25 @@ class Coordinator:
         log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
                  waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id)
         return Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id, waiter.iteration)
+
+    async def _confirm(self, waiter: Waiter) -> None:
+        """The deadline came while a receipt's reply was lost: it may have been applied, so
+        ask again (idempotent) rather than report a timeout for a signal recorded received."""
+        receipt = waiter.unconfirmed
+        assert receipt is not None
+        with anyio.move_on_after(_END_WAIT_LIMIT_S):
+            try:
+                [result] = await self.bus.store.receive_many([receipt])
+            except BusUnavailable:
+                result = BusUnavailable(
+                    f"signal {receipt.signal_id} was delivered to {self.id!r} but its receipt "
+                    "could not be confirmed; wait again with iteration="
+                    f"{waiter.iteration} once the bus is back to learn the outcome")
+            if isinstance(result, BaseException):
+                waiter.error = result
+            else:
+                waiter.unconfirmed = None
+                waiter.stream_id, waiter.ack_id = receipt.stream_id, result
 
     async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
         """Record the end of a wait; best effort when the bus is down."""

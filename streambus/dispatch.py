@@ -68,6 +68,9 @@ class Waiter:
     pending_first: bool = True
     abandoned: bool = False
     signal: Signal | None = None
+    unconfirmed: Receipt | None = None
+    """A receipt sent whose reply never came: it may have been applied. Sent again (the
+    receive script is idempotent) before anything new is read for this waiter."""
     stream_id: str = ""
     ack_id: str = ""
     error: BaseException | None = None
@@ -246,13 +249,18 @@ class Dispatcher:
         self._unprobed.clear()
         for waiter in batch:
             waiter.in_flight = True
+        # A waiter whose receipt reply was lost must not read on: its entry may already be
+        # acknowledged, so a fresh read would skip it. It confirms that receipt instead.
+        receipts = [(w, w.unconfirmed) for w in batch if w.unconfirmed is not None]
+        readers = [w for w in batch if w.unconfirmed is None]
         try:
-            last_ids, replies = await self.store.read_groups(
-                [GroupRead(w.stream, w.coordinator, w.pending_first) for w in batch], probes
-            )
-            for stream, last_id in zip(probes, last_ids, strict=True):
-                self._cursors[stream] = _min_id(self._cursors.get(stream), last_id)
-            receipts = await self._take_replies(batch, replies)
+            if readers or probes:
+                last_ids, replies = await self.store.read_groups(
+                    [GroupRead(w.stream, w.coordinator, w.pending_first) for w in readers],
+                    probes)
+                for stream, last_id in zip(probes, last_ids, strict=True):
+                    self._cursors[stream] = _min_id(self._cursors.get(stream), last_id)
+                receipts += await self._take_replies(readers, replies)
             await self._acknowledge(receipts)
         except BusUnavailable:
             self._dirty.update(w for w in batch if not w.settled.is_set())
@@ -310,6 +318,8 @@ class Dispatcher:
     async def _acknowledge(self, receipts: list[tuple[Waiter, Receipt]]) -> None:
         if not receipts:
             return
+        for waiter, receipt in receipts:
+            waiter.unconfirmed = receipt  # until the reply says it was applied
         results = await self.store.receive_many([r for _, r in receipts])
         for (waiter, receipt), result in zip(receipts, results, strict=True):
             if isinstance(result, BaseException):
@@ -317,6 +327,7 @@ class Dispatcher:
                     raise result
                 self._settle(waiter, error=result)
                 continue
+            waiter.unconfirmed = None
             waiter.stream_id = receipt.stream_id
             waiter.ack_id = result
             self.delivered += 1

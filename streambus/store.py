@@ -84,6 +84,8 @@ class WaitStart:
     deadline_ms: int
     iteration: int
     resumed: bool
+    received_stream_id: str = ""
+    """Set when this iteration already received its signal (the entry's id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,13 +265,28 @@ class Store:
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
         with _translated():
-            now, deadline, iteration, resumed = await self._scripts.call(
+            reply = await self._scripts.call(
                 "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
-                      keys.coordinators],
+                                    keys.coordinators],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
                       self.limits.events_maxlen],
             )
-        return WaitStart(int(now), int(deadline), int(iteration), bool(resumed))
+        now, deadline, iteration, mode = (int(x) for x in reply[:4])
+        received = reply[4].decode() if mode == 2 else ""
+        return WaitStart(now, deadline, iteration, mode == 1, received)
+
+    async def entry(self, stream: str, stream_id: str) -> Entry | None:
+        """One entry by id, or ``None`` if it is gone (trimmed)."""
+        with _translated():
+            raw = await self._redis.xrange(stream, min=stream_id, max=stream_id, count=1)
+        entries = _decode_entries(raw)
+        return entries[0] if entries else None
+
+    async def ack_id(self, keys: SwarmKeys, signal_id: str, coordinator: str) -> str:
+        """The id of ``coordinator``'s Ack of ``signal_id`` (``""`` if it has none)."""
+        with _translated():
+            raw = await self._redis.hget(keys.acked(signal_id), coordinator)
+        return raw.decode() if raw else ""
 
     async def end_wait(
         self,

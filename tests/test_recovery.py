@@ -150,3 +150,41 @@ async def test_out_of_memory_is_a_clear_bus_unavailable_and_loses_nothing(
         assert delivery.signal.signal_id == accepted.signal_id
         retried = await bus.publish("oom", "ch", "over the limit", signal_id="refused")
         assert not retried.duplicate
+
+
+async def test_lost_receipt_reply_is_confirmed_not_skipped(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive script ran but its reply was lost (the server died right after): the waiter
+    must return that signal, not read on and skip it (found by the chaos test)."""
+    first = await bus.publish("lost", "ch", "first")
+    await bus.publish("lost", "ch", "second")
+    real = type(bus.store).receive_many
+    calls: list[int] = []
+
+    async def applied_then_lost(self: object, receipts: list[object]) -> object:
+        result = await real(bus.store, receipts)  # type: ignore[arg-type]
+        calls.append(len(receipts))
+        if len(calls) == 1:
+            raise streambus.BusUnavailable("reply lost with the connection")
+        return result
+
+    monkeypatch.setattr(type(bus.store), "receive_many", applied_then_lost)
+    delivery = await bus.wait_for("lost", "c", "ch", timeout=5)
+    assert delivery.signal.signal_id == first.signal_id
+    assert delivery.ack_id == await bus.store.ack_id(bus.keys("lost"), first.signal_id, "c")
+    assert len(calls) == 2
+
+
+async def test_waiting_again_for_a_received_iteration_returns_the_same_signal(bus: Bus) -> None:
+    """A shell agent that crashed after receiving re-runs ``wait --iteration N``: same answer."""
+    first = await bus.publish("idem", "ch", "one")
+    second = await bus.publish("idem", "ch", "two")
+    got = await bus.wait_for("idem", "c", "ch", timeout=5, iteration=1)
+    again = await bus.wait_for("idem", "c", "ch", timeout=5, iteration=1)
+    assert got.signal.signal_id == again.signal.signal_id == first.signal_id
+    assert again.ack_id == got.ack_id
+    assert again.stream_id == got.stream_id
+    following = await bus.wait_for("idem", "c", "ch", timeout=5)
+    assert following.signal.signal_id == second.signal_id
+    assert following.iteration == 2

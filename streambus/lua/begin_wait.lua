@@ -2,6 +2,7 @@
 -- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset
 -- ARGV[1] coordinator, ARGV[2] channel, ARGV[3] timeout (ms), ARGV[4] state ttl (s),
 -- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen
+-- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled, stream id if 2}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -15,7 +16,14 @@ if not ok then
   end
 end
 
-local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iteration', 'started_ms')
+local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iteration', 'started_ms',
+  'last_stream_id')
+-- Waiting again for an iteration that already received its signal (same channel, explicit
+-- iteration) answers with that signal: a wait is idempotent by iteration.
+if tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) == tonumber(st[4]) and st[1] == 'signaled'
+    and st[2] == ARGV[2] and st[6] then
+  return {now, tonumber(st[3]), tonumber(st[4]), 2, st[6]}
+end
 -- A coordinator that restarts and waits again on the same channel keeps its deadline.
 local resumed = st[1] == 'waiting' and st[2] == ARGV[2] and st[3] ~= false
 local deadline, iteration, started
