@@ -146,3 +146,16 @@ async def test_oversized_and_unserialisable_payloads_are_rejected(bus: Bus) -> N
     with pytest.raises(ValueError, match="JSON"):
         await bus.publish("big", "ch", object())
     assert await bus.store.read_range(bus.keys("big").channel("ch")) == []
+
+
+async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
+    """FMEA orphaned blocking state: nothing a coordinator leaves behind lives forever."""
+    published = await bus.publish("ttl", "ch", "x", signal_id="s-ttl")
+    await bus.wait_for("ttl", "c", "ch", timeout=5)
+    keys = bus.keys("ttl")
+    raw = bus.store._redis
+    day = 24 * 3600
+    for key in (keys.state("c"), keys.dedupe("s-ttl"), keys.acked("s-ttl")):
+        assert 0 < await raw.ttl(key) <= day, key
+    # Streams are trimmed instead: channels by age on publish, event streams by length.
+    assert published.stream_id
