@@ -215,6 +215,17 @@ class Store:
                 if not str(exc).startswith("BUSYGROUP"):
                     raise
 
+    async def reset_group(self, stream: str, group: str) -> None:
+        """Drop ``group`` (its position and pending entries) and create it again at 0."""
+        with _translated():
+            await self._redis.xgroup_destroy(stream, group)
+        await self.ensure_group(stream, group)
+
+    async def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
+        if ids:
+            with _translated():
+                await self._redis.xack(stream, group, *ids)
+
     async def acks_snapshot(self, keys: SwarmKeys, signal_id: str) -> tuple[str, dict[str, str]]:
         """The acks stream's last id, then who acknowledged ``signal_id`` (probe first)."""
         with _translated():
@@ -626,6 +637,22 @@ class BlockingReader:
         if not reply:
             return []
         return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
+
+    async def read_groups(self, streams: Sequence[str], group: str, consumer: str, *,
+                          pending: bool, count: int, block: bool) -> dict[str, list[Entry]]:
+        """``XREADGROUP`` over several streams of one slot: pending entries or new ones."""
+        if not streams:
+            return {}
+        try:
+            with _translated():
+                reply = await self._redis.xreadgroup(
+                    group, consumer, dict.fromkeys(streams, "0" if pending else ">"),
+                    count=count, block=self.block_ms if block and not pending else None)
+        except BusUnavailable:
+            self.client_id = None
+            raise
+        return {name.decode(): [(i.decode(), f) for i, f in entries]
+                for name, entries in reply or ()}
 
     async def aclose(self) -> None:
         """Close the connection. Safe to call twice."""
