@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import anyio
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("coordinator")
     p.add_argument("--interval", type=_duration, default=5.0)
 
+    p = sub.add_parser("cleanup", parents=[common],
+                       help="remove what stale coordinators left behind (safe from cron)")
+    p.add_argument("--swarm", default=None, help="one swarm (default: every swarm)")
+    p.add_argument("--stale-after", type=_duration, default=600.0,
+                   help="no heartbeat/state change for this long is stale (default 10m)")
+    p.add_argument("--dry-run", action="store_true", help="report, remove nothing")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--log-file", default=None,
+                   help="append a JSON line per run (default: <state dir>/logs/cleanup.log)")
+
     p = sub.add_parser("watchdog", parents=[common],
                        help="report coordinators whose heartbeats lapse (CoordinatorDead events)")
     p.add_argument("swarm")
@@ -201,7 +212,7 @@ def _validate(args: argparse.Namespace) -> None:
     """Check every id before anything connects, so invalid input writes nothing."""
     settings = Settings.resolve(args.redis_url, args.namespace)
     # ``is not None``, not truthiness: an empty id ("$UNSET_VAR") is invalid, not "not given".
-    if (swarm := getattr(args, "swarm", None)) is not None:
+    if (swarm := getattr(args, "swarm", None)) is not None:  # cleanup's --swarm too
         keys = SwarmKeys.for_swarm(settings.namespace, swarm)
         if (channel := getattr(args, "channel", None)) is not None:
             keys.channel(channel)
@@ -297,6 +308,29 @@ async def _heartbeat(bus: Bus, args: argparse.Namespace) -> int:
     return EXIT_OK  # pragma: no cover - only a signal ends it
 
 
+async def _cleanup(bus: Bus, args: argparse.Namespace) -> int:
+    from streambus.cleanup import append_log_async, cleanup
+    from streambus.server import state_dir
+
+    report = await cleanup(bus, swarm=args.swarm, stale_after=args.stale_after,
+                           dry_run=args.dry_run)
+    log_file = Path(args.log_file) if args.log_file else state_dir() / "logs" / "cleanup.log"
+    await append_log_async(log_file, report)
+    if args.json:
+        _print(report.as_dict())
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for swarm in report.swarms:
+        if swarm.removed:
+            print(f"swarm {swarm.swarm}: {verb} {len(swarm.removed)} stale coordinators "
+                  f"({swarm.groups_destroyed} consumer groups, {swarm.retry_streams_removed} "
+                  f"retry streams): {', '.join(swarm.removed[:10])}"
+                  f"{' ...' if len(swarm.removed) > 10 else ''}")
+    print(f"{verb} {report.removed} stale coordinators in {len(report.swarms)} swarms "
+          f"in {report.elapsed_s:.3f} s")
+    return EXIT_OK
+
+
 async def _watchdog(bus: Bus, args: argparse.Namespace) -> int:
     from consumers.watchdog import Watchdog
 
@@ -353,7 +387,7 @@ def _server(args: argparse.Namespace) -> int:
 
 _COMMANDS: Final[dict[str, Command]] = {
     "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
-    "heartbeat": _heartbeat, "retry": _retry, "watchdog": _watchdog,
+    "heartbeat": _heartbeat, "retry": _retry, "watchdog": _watchdog, "cleanup": _cleanup,
 }
 
 if __name__ == "__main__":  # pragma: no cover

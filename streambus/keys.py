@@ -27,6 +27,23 @@ def validate_id(value: object, what: str = "id") -> str:
     return value
 
 
+def swarm_index_pattern(namespace: str) -> str:
+    """``SCAN MATCH`` pattern for every swarm's coordinator index in ``namespace``."""
+    return f"{validate_id(namespace, 'namespace')}:{{*}}:coordinators"
+
+
+def swarm_of_index(namespace: str, key: str) -> str | None:
+    """The swarm id in a key matched by :func:`swarm_index_pattern` (``None`` if foreign)."""
+    head, tail = f"{namespace}:{{", "}:coordinators"
+    if not (key.startswith(head) and key.endswith(tail)):
+        return None
+    swarm = key[len(head):-len(tail)]
+    try:
+        return validate_id(swarm, "swarm")
+    except InvalidId:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class SwarmKeys:
     """The keys of one swarm in one namespace. Build with :meth:`for_swarm`."""
@@ -45,6 +62,11 @@ class SwarmKeys:
     def channel(self, channel: str) -> str:
         """Stream of signals on one channel; every waiter reads it through its own group."""
         return f"{self.prefix}:ch:{validate_id(channel, 'channel')}"
+
+    @property
+    def channel_pattern(self) -> str:
+        """``SCAN MATCH`` pattern for every channel stream of the swarm (ids hold no globs)."""
+        return f"{self.prefix}:ch:*"
 
     @property
     def acks(self) -> str:

@@ -412,6 +412,44 @@ class Store:
                  for peer, ms in zip(peers, reply[1:], strict=True)}
         return int(reply[0]), beats
 
+    async def scan(self, pattern: str, *, type_: str | None = None) -> list[str]:
+        """Every key matching ``pattern`` (``SCAN``, never ``KEYS``)."""
+        with _translated():
+            return [key.decode() async for key in self._redis.scan_iter(
+                match=pattern, count=1000, _type=type_)]
+
+    async def stale_candidates(self, keys: SwarmKeys, stale_after_ms: int) -> list[str]:
+        """Coordinators whose last state change or last beat is older than the threshold."""
+        now = await self.time_ms()
+        cutoff = now - stale_after_ms
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrangebyscore(keys.coordinators, "-inf", f"({cutoff}")
+                pipe.zrangebyscore(keys.alive, "-inf", f"({cutoff}")
+                by_state, by_beat = await pipe.execute()
+        return sorted({c.decode() for c in (*by_state, *by_beat)})
+
+    async def remove_stale(self, keys: SwarmKeys, channels: Sequence[str],
+                           candidates: Sequence[str], stale_after_ms: int, *, dry_run: bool,
+                           ) -> tuple[list[str], int, int]:
+        """Remove those ``candidates`` still stale at execution time (one atomic script per
+        chunk): ``(removed, consumer groups destroyed, retry streams removed)``."""
+        removed: list[str] = []
+        groups = retries = 0
+        for chunk in _chunks(candidates):
+            with _translated():
+                reply = await self._scripts.call(
+                    "cleanup",
+                    keys=[keys.coordinators, keys.alive, keys.reported_dead, keys.retry_backlog,
+                          *channels, *(k for c in chunk for k in (keys.state(c),
+                                                                  keys.retries(c)))],
+                    args=[stale_after_ms, len(channels), int(dry_run), *chunk])
+            split = reply.index(b"|")
+            removed.extend(c.decode() for c in reply[:split])
+            groups += int(reply[split + 1])
+            retries += int(reply[split + 2])
+        return removed, groups, retries
+
     async def report_dead(self, keys: SwarmKeys, dead_after_ms: int, limit: int = 1000
                           ) -> list[str]:
         """Append ``CoordinatorDead`` for each newly lapsed coordinator; return their ids."""
@@ -546,7 +584,7 @@ class _Scripts:
     """
 
     _NAMES: Final = ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
-                     "last_beats", "retry_request", "retry_done", "report_dead")
+                     "last_beats", "retry_request", "retry_done", "report_dead", "cleanup")
 
     def __init__(self, client: Any) -> None:
         self._client = client
