@@ -33,6 +33,7 @@ from streambus.schema import (
     stream_id_ms,
 )
 from streambus.store import Durability, Limits, Store
+from streambus.tracing import current_carrier
 
 if TYPE_CHECKING:
     from streambus.coordinator import Coordinator
@@ -172,7 +173,7 @@ class Bus:
         if sender:
             validate_id(sender, "sender id")
         event = Signal(signal_id=signal_id, swarm=swarm, channel=channel, sender=sender,
-                       payload=payload, trace=trace or {})
+                       payload=payload, trace=current_carrier() if trace is None else trace)
         raw = _encode_checked(event)
         stream_id, duplicate = await self.retrying(
             lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
@@ -292,19 +293,39 @@ class Bus:
         return dispatcher
 
     async def status(self, swarm: str) -> list[dict[str, Any]]:
-        """Every coordinator of ``swarm`` the index lists, with its recorded blocking state."""
-        keys = self.keys(swarm)
-        now_ms = await self.store.time_ms()
-        rows = []
-        for raw in await self.store.coordinator_states(keys):
+        """The blocking view of ``swarm``: every coordinator, its state, since when, on what,
+        its deadline, how long since its last heartbeat, its retry backlog and whom it watches.
+
+        Times are server time: ``*_ms`` fields in ms, ``since``/``deadline`` in epoch seconds.
+        Coordinators that only heartbeat (never waited) appear with state ``idle``.
+        """
+        snap = await self.store.swarm_snapshot(self.keys(swarm))
+        rows = {}
+        for raw in snap.states:
             row: dict[str, Any] = dict(raw)
             for name in ("started_ms", "deadline_ms", "updated_ms", "ended_ms", "iteration"):
                 if name in row:
                     row[name] = int(row[name])
-            if "deadline_ms" in row and row.get("state") == BlockingState.WAITING:
-                row["remaining_s"] = max(0.0, (row["deadline_ms"] - now_ms) / 1000)
-            rows.append(row)
-        return sorted(rows, key=lambda r: r.get("coordinator", ""))
+            rows[row.get("coordinator", "")] = row
+        for coordinator in snap.beats.keys() - rows.keys():
+            rows[coordinator] = {"coordinator": coordinator, "state": "idle"}
+        return [_view_row(rows[c], snap.now_ms, snap.beats.get(c), snap.backlog.get(c, 0))
+                for c in sorted(rows)]
+
+
+def _view_row(row: dict[str, Any], now_ms: int, beat_ms: int | None, backlog: int
+              ) -> dict[str, Any]:
+    waiting = row.get("state") == BlockingState.WAITING
+    since_ms = row.get("started_ms") if waiting else row.get("ended_ms", row.get("updated_ms"))
+    row["since"] = since_ms / 1000 if since_ms is not None else None
+    row["deadline"] = row["deadline_ms"] / 1000 if "deadline_ms" in row else None
+    if waiting and "deadline_ms" in row:
+        row["remaining_s"] = max(0.0, (row["deadline_ms"] - now_ms) / 1000)
+    row["last_heartbeat_age_s"] = (now_ms - beat_ms) / 1000 if beat_ms is not None else None
+    row["retries_pending"] = backlog
+    row["watches"] = [p for p in row.get("watches", "").split(",") if p]
+    row.setdefault("channel", None)
+    return row
 
 
 def _encode_checked(event: Event) -> bytes:

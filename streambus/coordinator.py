@@ -100,7 +100,7 @@ class Coordinator:
         if timeout < 0 or reconnect_budget < 0:
             raise InvalidInput("timeout and reconnect budget must not be negative")
         start = await self.bus.retrying(lambda: self.bus.store.begin_wait(
-            self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration
+            self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers
         ))
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
                  "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
@@ -109,7 +109,7 @@ class Coordinator:
             return await self._recorded(channel, start)
         dispatcher = await self.bus.dispatcher(self.keys)
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
-                        reconnect_budget_s=reconnect_budget)
+                        reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
         self._waiter = waiter
         try:
             return await self._supervised(dispatcher, waiter, start, peers, on_retry)
@@ -221,7 +221,8 @@ class Coordinator:
     async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
         """Record the end of a wait; best effort when the bus is down."""
         event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
-                                     iteration=waiter.iteration, outcome=outcome, detail=detail))
+                                     iteration=waiter.iteration, outcome=outcome, detail=detail,
+                                     started_ms=waiter.started_ms))
         log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm,
                  waiter.channel, outcome, detail)
         with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):

@@ -86,6 +86,37 @@ class WaitStart:
     resumed: bool
     received_stream_id: str = ""
     """Set when this iteration already received its signal (the entry's id)."""
+    started_ms: int = 0
+    """When the wait began (server ms); a resumed wait keeps its original start."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSnapshot:
+    """The raw material of the blocking view, read together."""
+
+    now_ms: int
+    states: list[dict[str, str]]
+    beats: dict[str, int]
+    backlog: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group of a stream, as ``XINFO GROUPS`` reports it."""
+
+    name: str
+    pending: int
+    """Entries delivered to the group's consumers and not acknowledged yet."""
+    lag: int | None
+    """Entries not delivered to the group yet (``None`` when the server cannot tell)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's length and its consumer groups."""
+
+    length: int
+    groups: list[GroupInfo]
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,15 +227,26 @@ class Store:
             raw = await self._redis.hgetall(key)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    async def coordinator_states(self, keys: SwarmKeys) -> list[dict[str, str]]:
-        """Blocking-state hashes of every coordinator the swarm's index still lists."""
+    async def swarm_snapshot(self, keys: SwarmKeys) -> SwarmSnapshot:
+        """Server time, every coordinator's state hash, last beat and retry backlog: two
+        round trips, whatever the number of coordinators."""
         with _translated():
-            ids = await self._redis.zrange(keys.coordinators, 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.zrange(keys.coordinators, 0, -1)
+                pipe.zrange(keys.alive, 0, -1, withscores=True)
+                pipe.hgetall(keys.retry_backlog)
+                (seconds, micros), ids, beats, backlog = await pipe.execute()
             async with self._redis.pipeline(transaction=False) as pipe:
                 for coordinator in ids:
                     pipe.hgetall(keys.state(coordinator.decode()))
                 rows = await pipe.execute()
-        return [{k.decode(): v.decode() for k, v in row.items()} for row in rows if row]
+        return SwarmSnapshot(
+            now_ms=int(seconds) * 1000 + int(micros) // 1000,
+            states=[{k.decode(): v.decode() for k, v in row.items()} for row in rows if row],
+            beats={c.decode(): int(score) for c, score in beats},
+            backlog={c.decode(): int(n) for c, n in backlog.items()},
+        )
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create ``group`` at the start of ``stream`` (and the stream) unless it exists."""
@@ -235,6 +277,40 @@ class Store:
                 last, acked = await pipe.execute()
         last_id = last[0][0].decode() if last else "0-0"
         return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+
+    async def coordinator_census(self, keys: SwarmKeys) -> list[tuple[str, str]]:
+        """``(state, channel)`` of every coordinator the swarm's index lists: two fields of
+        each state hash, in one pipelined round trip after the index."""
+        with _translated():
+            ids = await self._redis.zrange(keys.coordinators, 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for coordinator in ids:
+                    pipe.hmget(keys.state(coordinator.decode()), "state", "channel")
+                rows = await pipe.execute()
+        return [(state.decode(), channel.decode() if channel else "")
+                for state, channel in rows if state]
+
+    async def stream_info(self, streams: Sequence[str]) -> dict[str, StreamInfo]:
+        """``XLEN`` and ``XINFO GROUPS`` of each stream in one round trip (missing ones left
+        out)."""
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xlen(stream)
+                    pipe.xinfo_groups(stream)
+                replies = await pipe.execute(raise_on_error=False)
+        out: dict[str, StreamInfo] = {}
+        for stream, length, groups in zip(streams, replies[::2], replies[1::2], strict=True):
+            if isinstance(groups, rex.ResponseError) and "no such key" in str(groups):
+                continue
+            for reply in (length, groups):
+                if isinstance(reply, BaseException):
+                    raise _as_streambus(reply)
+            out[stream] = StreamInfo(int(length), [
+                GroupInfo(g["name"].decode(), int(g["pending"]),
+                          None if g.get("lag") is None else int(g["lag"]))
+                for g in groups])
+        return out
 
     async def read_range(self, stream: str, start: str = "-", count: int = 1000) -> list[Entry]:
         with _translated():
@@ -272,7 +348,8 @@ class Store:
         return stream_id.decode(), bool(dup)
 
     async def begin_wait(
-        self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int
+        self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int,
+        watches: Sequence[str] = (),
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
         with _translated():
@@ -280,11 +357,12 @@ class Store:
                 "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
                                     keys.coordinators],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
-                      self.limits.events_maxlen],
+                      self.limits.events_maxlen, ",".join(watches)],
             )
         now, deadline, iteration, mode = (int(x) for x in reply[:4])
         received = reply[4].decode() if mode == 2 else ""
-        return WaitStart(now, deadline, iteration, mode == 1, received)
+        started = int(reply[5]) if len(reply) > 5 else (0 if mode else now)
+        return WaitStart(now, deadline, iteration, mode == 1, received, started)
 
     async def entry(self, stream: str, stream_id: str) -> Entry | None:
         """One entry by id, or ``None`` if it is gone (trimmed)."""
@@ -393,12 +471,15 @@ class Store:
                 reads_out.extend(_scripted_read(one) for one in reply)
         return last_ids, reads_out
 
-    async def beat(self, keys: SwarmKeys, coordinator: str, event: bytes) -> int:
-        """Record one heartbeat; return its server time (ms)."""
+    async def beat(self, keys: SwarmKeys, coordinator: str, event: bytes, *,
+                   failures: int = 0) -> int:
+        """Record one heartbeat; return its server time (ms). ``failures``: beats of this
+        coordinator that failed since its last successful one, added to the swarm's
+        ``heartbeat_failures`` counter (a beat that fails cannot count itself)."""
         with _translated():
             now = await self._scripts.call(
-                "beat", keys=[keys.heartbeats, keys.alive],
-                args=[coordinator, event, self.limits.heartbeat_retention_ms, FIELD],
+                "beat", keys=[keys.heartbeats, keys.alive, keys.counters],
+                args=[coordinator, event, self.limits.heartbeat_retention_ms, FIELD, failures],
             )
         return int(now)
 

@@ -207,3 +207,27 @@ async def test_watchdog_reports_a_lapsed_coordinator_once(bus: Bus) -> None:
     dead = [e for e in events if isinstance(e, CoordinatorDead)]
     assert [e.coordinator for e in dead] == ["mortal"]
     assert dead[0].detected_ms - dead[0].last_beat_ms > 500
+
+
+async def test_blocking_view_shows_who_blocks_on_what_since_when(bus: Bus) -> None:
+    peer = bus.coordinator("view", "peer", liveness=FAST)
+    waiter = bus.coordinator("view", "waiter", liveness=FAST)
+    async with peer.heartbeating(), anyio.create_task_group() as tg:
+        tg.start_soon(lambda: waiter.wait_for("loop2-done", timeout=60, watch=["peer"]))
+        await until_states(bus, "view", {"waiter": "waiting"})
+        await bus.request_retry("view", "waiter", reason="redo")  # no handler: stays pending
+        await _until_beating(bus, "view", "waiter")
+        rows = {row["coordinator"]: row for row in await bus.status("view")}
+        tg.cancel_scope.cancel()
+    now_s = await bus.store.time_ms() / 1000
+    row = rows["waiter"]
+    assert row["state"] == "waiting"
+    assert row["channel"] == "loop2-done"
+    assert row["since"] == row["started_ms"] / 1000
+    assert row["deadline"] - row["since"] == 60
+    assert 0 <= row["last_heartbeat_age_s"] < 5
+    assert row["watches"] == ["peer"]
+    assert row["retries_pending"] == 1
+    assert abs(now_s - row["since"]) < 10
+    assert rows["peer"]["state"] == "idle"  # beats, never waited
+    assert rows["peer"]["last_heartbeat_age_s"] is not None

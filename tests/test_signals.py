@@ -136,7 +136,7 @@ async def test_invalid_ids_are_rejected_before_anything_is_written(bus: Bus, bad
         await bus.publish("swarm", bad)
     with pytest.raises(InvalidId):
         await bus.wait_for("swarm", bad, "ch", timeout=1)
-    assert await bus.store.coordinator_states(bus.keys("swarm")) == []
+    assert await bus.status("swarm") == []
     assert await bus.store.read_range(bus.keys("swarm").channel("ch")) == []
 
 

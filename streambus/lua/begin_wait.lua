@@ -1,8 +1,10 @@
 -- Start (or resume) a coordinator's blocking wait on a channel, in server time.
 -- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset
 -- ARGV[1] coordinator, ARGV[2] channel, ARGV[3] timeout (ms), ARGV[4] state ttl (s),
--- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen
--- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled, stream id if 2}
+-- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen,
+-- ARGV[8] the peers it watches, comma-separated
+-- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled, stream id if 2
+--   (else ''), started (ms: when this wait began, kept when resumed)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -22,7 +24,7 @@ local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iter
 -- iteration) answers with that signal: a wait is idempotent by iteration.
 if tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) == tonumber(st[4]) and st[1] == 'signaled'
     and st[2] == ARGV[2] and st[6] then
-  return {now, tonumber(st[3]), tonumber(st[4]), 2, st[6]}
+  return {now, tonumber(st[3]), tonumber(st[4]), 2, st[6], tonumber(st[5]) or now}
 end
 -- A coordinator that restarts and waits again on the same channel keeps its deadline.
 local resumed = st[1] == 'waiting' and st[2] == ARGV[2] and st[3] ~= false
@@ -43,7 +45,7 @@ end
 redis.call('HSET', KEYS[1],
   'coordinator', ARGV[1], 'state', 'waiting', 'channel', ARGV[2],
   'started_ms', string.format('%d', started), 'deadline_ms', string.format('%d', deadline),
-  'iteration', iteration, 'updated_ms', string.format('%d', now))
+  'iteration', iteration, 'updated_ms', string.format('%d', now), 'watches', ARGV[8] or '')
 redis.call('HDEL', KEYS[1], 'ended_ms', 'outcome')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
@@ -53,4 +55,4 @@ local event = cjson.encode({
   iteration = iteration, started_ms = started, deadline_ms = deadline, resumed = resumed,
 })
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', ARGV[6], event)
-return {now, deadline, iteration, resumed and 1 or 0}
+return {now, deadline, iteration, resumed and 1 or 0, '', started}
