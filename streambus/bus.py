@@ -33,7 +33,7 @@ from streambus.schema import (
     stream_id_ms,
 )
 from streambus.store import Durability, Limits, Store
-from streambus.tracing import current_carrier
+from streambus.tracing import current_carrier, trace_id_of
 
 if TYPE_CHECKING:
     from streambus.coordinator import Coordinator
@@ -165,6 +165,9 @@ class Bus:
         has it (a failover may still lose it if that replica is not the one promoted). A level
         not confirmed within a second raises :class:`DurabilityNotReached`; the signal *was*
         appended, and publishing it again with the same id is safe.
+
+        ``trace``: the W3C trace-context carrier the signal carries (for the trace projector);
+        by default the current OpenTelemetry span's, if any. ``{}`` sends none.
         """
         keys = self.keys(swarm)
         signal_id = validate_id(signal_id or uuid.uuid4().hex, "signal id")
@@ -179,7 +182,10 @@ class Bus:
             lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
         )
         log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel, stream_id,
-                 " (duplicate)" if duplicate else "")
+                 " (duplicate)" if duplicate else "", extra={
+                     "event": "published", "swarm": swarm, "channel": channel,
+                     "signal_id": signal_id, "stream_id": stream_id, "duplicate": duplicate,
+                     "trace_id": trace_id_of(event.trace)})
         acked: tuple[str, ...] = ()
         if awaited:
             try:

@@ -33,6 +33,7 @@ from streambus.errors import (
 )
 from streambus.keys import SwarmKeys, validate_id
 from streambus.liveness import Liveness
+from streambus.logs import ENV_LOG_FORMAT, LOG_FORMATS, configure_logging, resolve_log_format
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -96,6 +97,8 @@ def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
                         help=f"key namespace (env {ENV_NAMESPACE}; default: streambus)")
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="log state transitions")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=default(None),
+                        help=f"log lines as text or JSON (env {ENV_LOG_FORMAT}; default text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-after", type=_duration, default=120.0)
     p.add_argument("--interval", type=_duration, default=5.0)
 
+    p = sub.add_parser("metrics", parents=[common],
+                       help="serve Prometheus metrics at /metrics until SIGTERM/SIGINT")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9109, help="port to listen on (default 9109)")
+    p.add_argument("--swarm", action="append", default=[], dest="swarms", metavar="SWARM",
+                   help="a swarm to export (repeatable; default: every swarm, found each minute)")
+
     p = sub.add_parser("retry", parents=[common],
                        help="ask a coordinator to redo work (a retry request)")
     p.add_argument("swarm")
@@ -170,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("swarm")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("traces", parents=[common],
+                       help="export signal latency spans over OTLP (until SIGTERM/SIGINT)")
+    p.add_argument("swarm")
+    p.add_argument("--settle", type=_duration, default=10.0,
+                   help="end a signal's span after no new ACK for this long (default 10s)")
+
     p = sub.add_parser("server", parents=[common], help="run the embedded server in the foreground")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--stop", action="store_true", help="stop the background embedded server")
@@ -185,13 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _validate(args)
+        log_format = resolve_log_format(args.log_format)
     except (_UsageError, InvalidInput) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     # Without -v the CLI's stderr is its one-line verdict; the library's logs (transitions,
     # reconnect attempts) are for -v.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
-                        stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(log_format, logging.INFO if args.verbose else logging.CRITICAL)
     try:
         if args.command == "server":
             return _server(args)
@@ -202,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streambus: {prefix}{exc}", file=sys.stderr)
         return code
     except _Signalled as exc:
-        if args.command in ("heartbeat", "watchdog"):
+        if args.command in ("heartbeat", "watchdog", "traces", "metrics"):
             return EXIT_OK  # a signal is how a heartbeat is meant to stop
         print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
         return 128 + exc.signum
@@ -223,12 +239,14 @@ def _validate(args: argparse.Namespace) -> None:
         validate_id(coordinator, "coordinator id")
     for peer in getattr(args, "watch", []):
         validate_id(peer, "peer id")
+    for swarm in getattr(args, "swarms", []):
+        SwarmKeys.for_swarm(settings.namespace, swarm)
     if (request_id := getattr(args, "request_id", None)) is not None:
         validate_id(request_id, "request id")
     for name in ("interval", "heartbeat_interval", "dead_after"):
         if (value := getattr(args, name, None)) is not None and value <= 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must be positive")
-    for name in ("timeout", "ack_timeout", "reconnect_budget", "wait"):
+    for name in ("timeout", "ack_timeout", "reconnect_budget", "wait", "settle"):
         if (value := getattr(args, name, None)) is not None and value < 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must not be negative")
 
@@ -338,6 +356,20 @@ async def _watchdog(bus: Bus, args: argparse.Namespace) -> int:
     return EXIT_OK  # pragma: no cover - only a signal ends it
 
 
+async def _metrics(bus: Bus, args: argparse.Namespace) -> int:
+    from consumers.metrics import serve
+
+    await serve(bus, args.swarms, host=args.host, port=args.port)
+    return EXIT_OK  # pragma: no cover - only a signal ends it
+
+
+async def _traces(bus: Bus, args: argparse.Namespace) -> int:
+    from consumers.traces import run_traces
+
+    await run_traces(bus, args.swarm, settle=args.settle)
+    return EXIT_OK  # pragma: no cover - only a signal ends it
+
+
 async def _retry(bus: Bus, args: argparse.Namespace) -> int:
     sent = await bus.request_retry(
         args.swarm, args.coordinator, reason=args.reason, blockers=args.blockers,
@@ -386,6 +418,8 @@ def _server(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: Final[dict[str, Command]] = {
+    "traces": _traces,
+    "metrics": _metrics,
     "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
     "heartbeat": _heartbeat, "retry": _retry, "watchdog": _watchdog, "cleanup": _cleanup,
 }

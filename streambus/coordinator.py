@@ -30,6 +30,7 @@ from streambus.keys import validate_id
 from streambus.liveness import Heartbeater, Liveness, PeerWatch
 from streambus.schema import BlockingEnded, BlockingState, Outcome, Signal, decode_fields, encode
 from streambus.store import WaitStart
+from streambus.tracing import trace_id_of
 
 if TYPE_CHECKING:
     from streambus.bus import Bus, Delivery
@@ -61,6 +62,12 @@ class Coordinator:
         waiting = (f" waiting on {self._waiter.channel!r} iteration={self._waiter.iteration}"
                    if self._waiter else "")
         return f"<Coordinator {self.id!r} swarm={self.swarm!r}{waiting}>"
+
+    def _facts(self, channel: str, iteration: int, event: str, **more: object
+               ) -> dict[str, object]:
+        """The fields of a transition's log record (``streambus.logs`` writes them as JSON)."""
+        return {"event": event, "coordinator": self.id, "swarm": self.swarm, "channel": channel,
+                "iteration": iteration, **more}
 
     @contextlib.asynccontextmanager
     async def heartbeating(self, interval: float | None = None) -> AsyncIterator[Heartbeater]:
@@ -104,7 +111,9 @@ class Coordinator:
         ))
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
                  "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
-                 (start.deadline_ms - start.now_ms) / 1000)
+                 (start.deadline_ms - start.now_ms) / 1000,
+                 extra=self._facts(channel, start.iteration, "blocking_started", state="waiting",
+                                   resumed=start.resumed, deadline_ms=start.deadline_ms))
         if start.received_stream_id:
             return await self._recorded(channel, start)
         dispatcher = await self.bus.dispatcher(self.keys)
@@ -129,7 +138,9 @@ class Coordinator:
             raise MalformedEvent(f"entry {entry[0]} is a {type(signal).__name__}, not a signal")
         ack_id = await self.bus.store.ack_id(self.keys, signal.signal_id, self.id)
         log.info("coordinator %s: iteration %d already received %s", self.id, start.iteration,
-                 signal.signal_id)
+                 signal.signal_id, extra=self._facts(
+                     channel, start.iteration, "signal_received", outcome=Outcome.SIGNALED,
+                     signal_id=signal.signal_id, trace_id=trace_id_of(signal.trace)))
         return Delivery(signal, self.id, entry[0], ack_id, start.iteration)
 
     async def _supervised(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart,
@@ -164,7 +175,9 @@ class Coordinator:
     async def _escalate_when_dead(self, dispatcher: Dispatcher, waiter: Waiter,
                                   watch: PeerWatch) -> None:
         dead = await watch.run()
-        log.warning("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel)
+        log.warning("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel,
+                    extra=self._facts(waiter.channel, waiter.iteration, "peer_dead",
+                                      peers=sorted(dead.peers)))
         while not dispatcher.fail(waiter, dead):
             if waiter.settled.is_set():
                 return
@@ -195,9 +208,15 @@ class Coordinator:
         if waiter.signal is None or not waiter.ack_id:
             await self._end(waiter, Outcome.TIMEOUT, "deadline reached")
             raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
+        delivery = Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id,
+                            waiter.iteration)
         log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
-                 waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id)
-        return Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id, waiter.iteration)
+                 waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id,
+                 extra=self._facts(waiter.channel, waiter.iteration, "signal_received",
+                                   outcome=Outcome.SIGNALED, signal_id=waiter.signal.signal_id,
+                                   latency_ms=delivery.latency_ms,
+                                   trace_id=trace_id_of(waiter.signal.trace)))
+        return delivery
 
     async def _confirm(self, waiter: Waiter) -> None:
         """The deadline came while a receipt's reply was lost: it may have been applied, so
@@ -224,14 +243,18 @@ class Coordinator:
                                      iteration=waiter.iteration, outcome=outcome, detail=detail,
                                      started_ms=waiter.started_ms))
         log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm,
-                 waiter.channel, outcome, detail)
+                 waiter.channel, outcome, detail, extra=self._facts(
+                     waiter.channel, waiter.iteration, "blocking_ended", outcome=outcome,
+                     detail=detail))
         with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):
             try:
                 await self.bus.store.end_wait(self.keys, self.id, waiter.channel,
                                               waiter.iteration, BlockingState.after(outcome),
                                               event)
             except BusUnavailable as exc:
-                log.warning("could not record %s for %s: %s", outcome, self.id, exc)
+                log.warning("could not record %s for %s: %s", outcome, self.id, exc,
+                            extra=self._facts(waiter.channel, waiter.iteration, "record_failed",
+                                              outcome=outcome))
 
 
 def _outcome_of(error: BaseException) -> Outcome:

@@ -76,6 +76,8 @@ class Waiter:
     error: BaseException | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
     in_flight: bool = False
+    started_ms: int = 0
+    """When the wait began (server ms), carried by the lifecycle events it ends with."""
 
     def __repr__(self) -> str:
         state = "settled" if self.settled.is_set() else "waiting"
@@ -95,10 +97,10 @@ class Waiter:
                                  signal_id=sid, stream_id=stream_id)),
             received_event=encode(SignalReceived(
                 coordinator=who, channel=self.channel, iteration=self.iteration, signal_id=sid,
-                stream_id=stream_id)),
+                stream_id=stream_id, started_ms=self.started_ms)),
             ended_event=encode(BlockingEnded(
                 coordinator=who, channel=self.channel, iteration=self.iteration, signal_id=sid,
-                outcome=Outcome.SIGNALED)),
+                outcome=Outcome.SIGNALED, started_ms=self.started_ms)),
         )
 
 
@@ -177,7 +179,8 @@ class Dispatcher:
                     continue
                 if failing_since is not None:
                     log.info("swarm %s: Redis reachable again after %.3f s", self.keys.swarm,
-                             anyio.current_time() - failing_since)
+                             anyio.current_time() - failing_since,
+                             extra={"event": "bus_reachable", "swarm": self.keys.swarm})
                 failing_since, attempt = None, 0
 
     async def _cycle(self) -> None:
@@ -306,7 +309,10 @@ class Dispatcher:
         except MalformedEvent as exc:
             # Poison never stalls the wait: move it aside and read the next entry.
             log.warning("swarm %s: poison entry %s on %s for %s: %s", self.keys.swarm, stream_id,
-                        waiter.channel, waiter.coordinator, exc.reason)
+                        waiter.channel, waiter.coordinator, exc.reason, extra={
+                            "event": "dead_lettered", "swarm": self.keys.swarm,
+                            "channel": waiter.channel, "coordinator": waiter.coordinator,
+                            "stream_id": stream_id, "reason": exc.reason})
             await self.store.dead_letter(self.keys, waiter.stream, waiter.coordinator, entry,
                                          exc.reason)
             self.dead_lettered += 1
@@ -352,7 +358,8 @@ class Dispatcher:
         return {stream: self._cursors.get(stream, "0-0") for stream in self._by_stream}
 
     def _after_disconnect(self, exc: BusUnavailable, down_for_s: float) -> None:
-        log.warning("swarm %s: Redis unavailable for %.3f s: %s", self.keys.swarm, down_for_s, exc)
+        log.warning("swarm %s: Redis unavailable for %.3f s: %s", self.keys.swarm, down_for_s, exc,
+                    extra={"event": "bus_unavailable", "swarm": self.keys.swarm})
         for watchers in self._by_stream.values():
             for waiter in watchers:
                 # A reply lost with the connection may have delivered entries into the PEL.

@@ -132,3 +132,21 @@ class SwarmKeys:
     def retry_dedupe(self, request_id: str) -> str:
         """String marking a retry request id as appended (24 h idempotency)."""
         return f"{self.prefix}:retry-dedupe:{validate_id(request_id, 'request id')}"
+
+    def progress(self, task: str) -> str:
+        """Stream of ProgressRecorded events of one task (work items done, in order)."""
+        return f"{self.prefix}:progress:{validate_id(task, 'task id')}"
+
+    def progress_done(self, task: str) -> str:
+        """Hash item id -> progress entry id: which items of a task are done."""
+        return f"{self.prefix}:progress-done:{validate_id(task, 'task id')}"
+
+    @property
+    def loop_events(self) -> str:
+        """Stream of EpicStarted and LoopTransition events: the CFN Loop's history."""
+        return f"{self.prefix}:loop"
+
+    @property
+    def loop_state(self) -> str:
+        """Hash phase -> current loop state (a cache of replaying ``loop_events``)."""
+        return f"{self.prefix}:loop-state"

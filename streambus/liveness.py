@@ -58,6 +58,9 @@ class Heartbeater:
         self.interval = interval
         self.beats = 0
         self.failures = 0
+        # Failures not yet added to the swarm's ``heartbeat_failures`` counter: the next
+        # successful beat adds them (a failing beat cannot reach the counter).
+        self.unreported = 0
         self.last_beat_ms: int | None = None
 
     def __repr__(self) -> str:
@@ -80,10 +83,13 @@ class Heartbeater:
                                  interval_ms=round(self.interval * 1000)))
         try:
             with anyio.fail_after(max(self.interval, 1.0)):
-                self.last_beat_ms = await self.store.beat(self.keys, self.coordinator, event)
+                self.last_beat_ms = await self.store.beat(self.keys, self.coordinator, event,
+                                                          failures=self.unreported)
             self.beats += 1
+            self.unreported = 0
         except (BusUnavailable, TimeoutError) as exc:
             self.failures += 1
+            self.unreported += 1
             log.warning("heartbeat of %s failed (%d so far): %s", self.coordinator,
                         self.failures, exc)
 

@@ -140,7 +140,18 @@ class Projector:
                                              exc.reason)
                 self.dead_lettered += 1
                 continue
-            await self.projection.apply(self.keys, stream, entry_id, event)
+            try:
+                await self.projection.apply(self.keys, stream, entry_id, event)
+            except BusUnavailable:
+                raise  # transient: the entry stays pending and is applied on the next try
+            except Exception as exc:
+                # An event the projection cannot apply is poison for it: set it aside with
+                # the reason rather than stop the projector on it forever.
+                log.exception("projector %s cannot apply %s", self.consumer, entry_id)
+                await self.store.dead_letter(self.keys, stream, self.group, (entry_id, fields),
+                                             f"{self.projection.name} failed: {exc!r}")
+                self.dead_lettered += 1
+                continue
             done.append(entry_id)
             self.applied += 1
         await self.store.ack(stream, self.group, done)

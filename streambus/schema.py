@@ -150,6 +150,8 @@ class SignalReceived(Event, tag="signal_received", frozen=True, kw_only=True):
     signal_id: str
     stream_id: str
     iteration: int
+    started_ms: int = 0
+    """When the wait began (server ms; 0 when the writer did not record it)."""
 
 
 class BlockingEnded(Event, tag="blocking_ended", frozen=True, kw_only=True):
@@ -161,6 +163,18 @@ class BlockingEnded(Event, tag="blocking_ended", frozen=True, kw_only=True):
     outcome: Outcome
     signal_id: str = ""
     detail: str = ""
+    started_ms: int = 0
+    """When the wait began (server ms; 0 when the writer did not record it): the wait lasted
+    from here to this entry's stream id."""
+
+
+class ProgressRecorded(Event, tag="progress", frozen=True, kw_only=True):
+    """A coordinator finished one item of a task (recorded once per item)."""
+
+    task: str
+    item: str
+    coordinator: str
+    detail: Any = None
 
 
 class CoordinatorDead(Event, tag="coordinator_dead", frozen=True, kw_only=True):
@@ -170,6 +184,41 @@ class CoordinatorDead(Event, tag="coordinator_dead", frozen=True, kw_only=True):
     last_beat_ms: int
     dead_after_ms: int
     detected_ms: int
+
+
+class EpicStarted(Event, tag="epic_started", frozen=True, kw_only=True):
+    """An epic (Loop 0) began: its phases (Loop 1), in the order they must run."""
+
+    epic: str
+    phases: list[str]
+
+
+class LoopTransition(Event, tag="loop_transition", frozen=True, kw_only=True):
+    """A phase of an epic moved from one loop state to the next (see ``streambus.loop``)."""
+
+    epic: str
+    phase: str
+    from_state: str
+    to_state: str
+    iteration: int = 0
+    round: int = 0
+    reason: str = ""
+    detail: Any = None
+
+
+class ProductOwnerDecision(Event, tag="product_owner_decision", frozen=True, kw_only=True):
+    """A Loop 4 Product Owner's decision on a phase (see ``streambus.decision``)."""
+
+    decision: Literal["PROCEED", "DEFER", "ESCALATE"]
+    confidence: Confidence
+    reasoning: str = ""
+    backlog_items: list[str] = []
+    blockers: list[str] = []
+    epic: str = ""
+    phase: str = ""
+    iteration: int = 0
+    round: int = 0
+    decided_by: str = ""
 
 
 AnyEvent = (
@@ -182,6 +231,10 @@ AnyEvent = (
     | SignalReceived
     | BlockingEnded
     | CoordinatorDead
+    | ProgressRecorded
+    | EpicStarted
+    | LoopTransition
+    | ProductOwnerDecision
 )
 
 _encoder: Final = msgspec.json.Encoder()

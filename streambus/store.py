@@ -278,21 +278,31 @@ class Store:
         last_id = last[0][0].decode() if last else "0-0"
         return last_id, {k.decode(): v.decode() for k, v in acked.items()}
 
-    async def coordinator_census(self, keys: SwarmKeys) -> list[tuple[str, str]]:
-        """``(state, channel)`` of every coordinator the swarm's index lists: two fields of
-        each state hash, in one pipelined round trip after the index."""
+    async def coordinator_census(self, keys: SwarmKeys) -> dict[tuple[str, str], int]:
+        """How many coordinators the swarm's index lists per ``(state, channel)`` of their
+        state hashes: the index, then one pipelined round trip of script calls (counted on
+        the server, a chunk of coordinators per call)."""
         with _translated():
             ids = await self._redis.zrange(keys.coordinators, 0, -1)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for coordinator in ids:
-                    pipe.hmget(keys.state(coordinator.decode()), "state", "channel")
-                rows = await pipe.execute()
-        return [(state.decode(), channel.decode() if channel else "")
-                for state, channel in rows if state]
+            states = [keys.state(coordinator.decode()) for coordinator in ids]
+
+            def build(pipe: Any) -> None:
+                for chunk in _chunks(states):
+                    self._scripts.queue(pipe, "census", keys=chunk, args=[])
+
+            replies = await self._scripts.pipeline(build) if states else []
+        counts: dict[tuple[str, str], int] = {}
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise _as_streambus(reply)
+            for state, channel, n in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
+                key = (state.decode(), channel.decode())
+                counts[key] = counts.get(key, 0) + int(n)
+        return counts
 
     async def stream_info(self, streams: Sequence[str]) -> dict[str, StreamInfo]:
-        """``XLEN`` and ``XINFO GROUPS`` of each stream in one round trip (missing ones left
-        out)."""
+        """``XLEN`` and ``XINFO GROUPS`` of each stream in one round trip (a missing stream:
+        length 0, no groups)."""
         with _translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for stream in streams:
@@ -302,7 +312,7 @@ class Store:
         out: dict[str, StreamInfo] = {}
         for stream, length, groups in zip(streams, replies[::2], replies[1::2], strict=True):
             if isinstance(groups, rex.ResponseError) and "no such key" in str(groups):
-                continue
+                groups = []
             for reply in (length, groups):
                 if isinstance(reply, BaseException):
                     raise _as_streambus(reply)
@@ -493,6 +503,24 @@ class Store:
                  for peer, ms in zip(peers, reply[1:], strict=True)}
         return int(reply[0]), beats
 
+    async def record_progress(self, keys: SwarmKeys, task: str, item: str, event: bytes
+                              ) -> tuple[bool, str]:
+        """Record an item of ``task`` done, once: ``(recorded_now, entry id)``."""
+        with _translated():
+            fresh, entry_id = await self._scripts.call(
+                "progress", keys=[keys.progress(task), keys.progress_done(task)],
+                args=[item, event, FIELD, self.limits.state_ttl_s])
+        return bool(fresh), entry_id.decode()
+
+    async def loop_transition(self, keys: SwarmKeys, field: str, expected: str, new: str,
+                              event: bytes) -> tuple[bool, str]:
+        """Compare-and-set one loop state and append its event: ``(done, id or current)``."""
+        with _translated():
+            done, value = await self._scripts.call(
+                "loop_transition", keys=[keys.loop_events, keys.loop_state],
+                args=[field, expected, new, event, FIELD, self.limits.state_ttl_s * 7])
+        return bool(done), value.decode()
+
     async def scan(self, pattern: str, *, type_: str | None = None) -> list[str]:
         """Every key matching ``pattern`` (``SCAN``, never ``KEYS``)."""
         with _translated():
@@ -664,12 +692,10 @@ class _Scripts:
     before every pipeline, a hidden extra round trip on the signal path.
     """
 
-    _NAMES: Final = ("publish", "begin_wait", "deliver", "receive", "end_wait", "beat",
-                     "last_beats", "retry_request", "retry_done", "report_dead", "cleanup")
-
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._source = {name: (_LUA_DIR / f"{name}.lua").read_text() for name in self._NAMES}
+        # Every script in streambus/lua/, by file name: adding a script is adding its file.
+        self._source = {path.stem: path.read_text() for path in sorted(_LUA_DIR.glob("*.lua"))}
         self._sha = {name: hashlib.sha1(text.encode()).hexdigest()
                      for name, text in self._source.items()}
 

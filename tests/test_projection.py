@@ -101,3 +101,26 @@ async def test_poison_is_dead_lettered_and_the_projector_goes_on(bus: Bus) -> No
     assert list(view.seen.values()) == ["fine"]
     assert projector.dead_lettered == 1
     assert len(await bus.store.read_range(keys.dead_letters)) == 1
+
+
+class Picky(SignalLog):
+    name = "picky"
+
+    async def apply(self, keys: SwarmKeys, stream: str, entry_id: str, event: AnyEvent) -> None:
+        if isinstance(event, Signal) and event.payload == "cursed":
+            raise ValueError("cannot handle this one")
+        await super().apply(keys, stream, entry_id, event)
+
+
+async def test_an_event_the_projection_cannot_apply_is_dead_lettered(bus: Bus) -> None:
+    keys = bus.keys("picky")
+    await bus.publish("picky", "a", "cursed", signal_id="bad")
+    await bus.publish("picky", "a", "fine", signal_id="good")
+    view = Picky()
+    projector = Projector(bus.store, keys, view)
+    await projector.catch_up()
+    assert list(view.seen.values()) == ["good"]
+    [(_, fields)] = await bus.store.read_range(keys.dead_letters)
+    assert fields is not None
+    assert b"cannot handle this one" in fields[b"reason"]
+    assert await Projector(bus.store, keys, Picky()).catch_up() == 0  # nothing left pending
