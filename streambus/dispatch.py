@@ -101,6 +101,7 @@ class Waiter:
             ended_event=encode(BlockingEnded(
                 coordinator=who, channel=self.channel, iteration=self.iteration, signal_id=sid,
                 outcome=Outcome.SIGNALED, started_ms=self.started_ms)),
+            iteration=self.iteration,
         )
 
 

@@ -21,10 +21,10 @@ import anyio
 import anyio.abc
 
 from streambus.dispatch import backoff_delay
-from streambus.errors import BusUnavailable, MalformedEvent
+from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
 from streambus.keys import SwarmKeys
 from streambus.schema import AnyEvent, decode_fields
-from streambus.store import BlockingReader, Entry, Store
+from streambus.store import BlockingReader, Entry, GroupMissing, Store
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +74,44 @@ class Projector:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Catch up on everything pending, report ready, then follow the streams."""
+        """Catch up on everything pending, report ready, then follow the streams.
+
+        Connection loss, at start or later, is retried with backoff; lost groups (a restart
+        without persistence) are created again. Entries stranded on dead instances are claimed
+        every ``claim_idle``. On the way out the consumer removes itself if it holds nothing.
+        """
         reader = self.store.blocking_reader(block_ms=self.block_ms)
+        ready, prepared_at, attempt = False, None, 0
         try:
-            await self._prepare()
-            await self.catch_up()
-            task_status.started()
-            attempt = 0
             while True:
                 try:
-                    await self._step(reader, block=True)
+                    now = anyio.current_time()
+                    if prepared_at is None or now - prepared_at > self.claim_idle_ms / 1000:
+                        await self._prepare()  # groups exist, stranded entries claimed
+                        prepared_at = now
+                    applied = await self._step(reader, block=ready)
+                    if not ready and not applied:
+                        task_status.started()  # caught up
+                        ready = True
                     attempt = 0
-                except BusUnavailable as exc:
+                except (BusUnavailable, GroupMissing) as exc:
                     log.warning("projector %s: %s", self.consumer, exc)
+                    prepared_at = None
                     await anyio.sleep(backoff_delay(attempt))
                     attempt += 1
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await reader.aclose()
+                await self._retire()
+
+    async def _retire(self) -> None:
+        """Remove this consumer from its groups unless it still holds pending entries."""
+        for stream in self.streams:
+            try:
+                await self.store.retire_consumer(stream, self.group, self.consumer)
+            except StreambusError as exc:
+                log.debug("projector %s could not retire from %s: %s", self.consumer, stream,
+                          exc)
 
     async def catch_up(self) -> int:
         """Apply every entry not yet applied (claimed, pending, then new); return how many."""

@@ -140,6 +140,7 @@ class Receipt:
     ack_event: bytes
     received_event: bytes
     ended_event: bytes
+    iteration: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +263,17 @@ class Store:
         with _translated():
             await self._redis.xgroup_destroy(stream, group)
         await self.ensure_group(stream, group)
+
+    async def retire_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        """Delete ``consumer`` from ``group`` if it holds no pending entries (deleting it
+        would drop them); True if it was deleted."""
+        with _translated():
+            held = await self._redis.xpending_range(stream, group, min="-", max="+", count=1,
+                                                    consumername=consumer)
+            if held:
+                return False
+            await self._redis.xgroup_delconsumer(stream, group, consumer)
+        return True
 
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
@@ -422,7 +434,7 @@ class Store:
                          self.limits.dedupe_ttl_s, *(
                              a for r in chunk for a in (
                                  r.coordinator, r.stream_id, r.signal_id, r.ack_event,
-                                 r.received_event, r.ended_event))],
+                                 r.received_event, r.ended_event, r.iteration))],
             }
 
         chunks = _chunks(receipts)

@@ -124,3 +124,28 @@ async def test_an_event_the_projection_cannot_apply_is_dead_lettered(bus: Bus) -
     assert fields is not None
     assert b"cannot handle this one" in fields[b"reason"]
     assert await Projector(bus.store, keys, Picky()).catch_up() == 0  # nothing left pending
+
+
+async def _until_seen(view: SignalLog, signal_id: str) -> None:
+    with anyio.fail_after(10):
+        while True:
+            if signal_id in view.seen.values():
+                return
+            await anyio.sleep(0.01)
+
+
+async def test_projector_survives_losing_its_group_and_retires_on_exit(bus: Bus) -> None:
+    keys = bus.keys("regroup")
+    view = SignalLog()
+    projector = Projector(bus.store, keys, view, block_ms=100)
+    async with anyio.create_task_group() as tg:
+        await tg.start(projector.run)
+        await bus.publish("regroup", "a", 1, signal_id="before")
+        await _until_seen(view, "before")
+        for stream in view.streams(keys):  # as a restart without persistence would
+            await bus.store._redis.xgroup_destroy(stream, projector.group)
+        await bus.publish("regroup", "a", 2, signal_id="after")
+        await _until_seen(view, "after")
+        tg.cancel_scope.cancel()
+    consumers = await bus.store._redis.xinfo_consumers(keys.channel("a"), projector.group)
+    assert [c["name"] for c in consumers] == []  # it held nothing, so it removed itself

@@ -188,3 +188,23 @@ async def test_waiting_again_for_a_received_iteration_returns_the_same_signal(bu
     following = await bus.wait_for("idem", "c", "ch", timeout=5)
     assert following.signal.signal_id == second.signal_id
     assert following.iteration == 2
+
+
+async def test_a_late_receipt_does_not_close_a_newer_wait(bus: Bus) -> None:
+    """A receipt confirmed late (its first reply lost) acknowledges its signal but leaves the
+    state of the coordinator's newer wait alone."""
+    from streambus.dispatch import Waiter
+
+    keys = bus.keys("late")
+    published = await bus.publish("late", "ch", "old")
+    old = await bus.store.begin_wait(keys, "c", "ch", 60_000, 1)
+    stale = Waiter(keys, "c", "ch", keys.channel("ch"), old.iteration)
+    signal = Signal(signal_id=published.signal_id, swarm="late", channel="ch")
+    await bus.store.end_wait(keys, "c", "ch", 1, "cancelled", b'{"outcome":"cancelled"}')
+    newer = await bus.store.begin_wait(keys, "c", "other", 60_000, 0)
+    [ack_id] = await bus.store.receive_many([stale.receipt(signal, published.stream_id)])
+    assert isinstance(ack_id, str)
+    [row] = await bus.status("late")
+    assert (row["state"], row["iteration"], row["channel"]) == ("waiting", newer.iteration,
+                                                                 "other")
+    assert await bus.store.ack_id(keys, published.signal_id, "c") == ack_id
