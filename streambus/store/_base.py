@@ -1,0 +1,251 @@
+"""Shared parts of the store: error translation, reply types, the script runner."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import redis.exceptions as rex
+
+from streambus.errors import BusUnavailable, DurabilityNotReached, StreambusError
+from streambus.keys import SwarmKeys
+
+log = logging.getLogger("streambus.store")
+
+_LUA_DIR: Final = Path(__file__).parent.parent / "lua"
+Entry = tuple[str, dict[bytes, bytes] | None]
+"""A stream entry: its id and its fields (``None`` when the entry was trimmed while pending)."""
+
+
+class GroupMissing(StreambusError):
+    """A consumer group (or its stream) is gone: deleted, or lost in a restart without AOF."""
+
+
+class _Unblocked(StreambusError):
+    """A blocking read was interrupted with ``CLIENT UNBLOCK``."""
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Translate redis-py exceptions into streambus's own. The only place that does so."""
+    try:
+        yield
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise BusUnavailable(f"Redis unreachable: {exc}") from exc
+    except rex.ResponseError as exc:
+        raise _translate_response(exc) from exc
+
+
+_NOT_READY: Final = (rex.BusyLoadingError, rex.ReadOnlyError, rex.TryAgainError,
+                     rex.MasterDownError, rex.ClusterDownError)
+
+
+def _translate_response(exc: rex.ResponseError) -> StreambusError:
+    # redis-py strips the error code from the errors it maps to classes (LOADING, OOM, ...),
+    # so those are told apart by class; the rest by their code.
+    message = str(exc)
+    if isinstance(exc, _NOT_READY):
+        return BusUnavailable(f"Redis not ready: {message}")
+    if isinstance(exc, rex.OutOfMemoryError):
+        # Transient by design: TTLs expire and trims run, so callers retry within budgets.
+        return BusUnavailable(f"Redis out of memory (maxmemory reached): {message}")
+    if message.startswith("NOGROUP"):
+        return GroupMissing(message)
+    if message.startswith("UNBLOCKED"):
+        return _Unblocked(message)
+    return StreambusError(f"Redis error: {message}")
+
+
+def _decode_entries(raw: Any) -> list[Entry]:
+    return [(entry_id.decode(), fields) for entry_id, fields in raw or ()]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStart:
+    """What ``begin_wait`` recorded: server now, the deadline and iteration of the wait."""
+
+    now_ms: int
+    deadline_ms: int
+    iteration: int
+    resumed: bool
+    received_stream_id: str = ""
+    """Set when this iteration already received its signal (the entry's id)."""
+    started_ms: int = 0
+    """When the wait began (server ms); a resumed wait keeps its original start."""
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmSnapshot:
+    """The raw material of the blocking view, read together."""
+
+    now_ms: int
+    states: list[dict[str, str]]
+    beats: dict[str, int]
+    backlog: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group of a stream, as ``XINFO GROUPS`` reports it."""
+
+    name: str
+    pending: int
+    """Entries delivered to the group's consumers and not acknowledged yet."""
+    lag: int | None
+    """Entries not delivered to the group yet (``None`` when the server cannot tell)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's length and its consumer groups."""
+
+    length: int
+    groups: list[GroupInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRead:
+    """One ``XREADGROUP`` to run in a batch: read ``group``'s pending entries or new ones."""
+
+    stream: str
+    group: str
+    pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Everything the ``receive`` script needs to acknowledge one delivered signal."""
+
+    keys: SwarmKeys
+    coordinator: str
+    channel: str
+    stream_id: str
+    signal_id: str
+    ack_event: bytes
+    received_event: bytes
+    ended_event: bytes
+    iteration: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Retention and size settings the scripts apply."""
+
+    state_ttl_s: int = 24 * 3600
+    dedupe_ttl_s: int = 24 * 3600
+    channel_retention_ms: int = 24 * 3600 * 1000
+    events_maxlen: int = 100_000
+    heartbeat_retention_ms: int = 3600 * 1000
+
+
+Durability = Literal["none", "fsync", "replicated"]
+
+
+def _check_durability(level: Durability, reply: Any, stream_id: str) -> None:
+    if isinstance(reply, rex.ResponseError):
+        raise DurabilityNotReached(
+            f"signal {stream_id} was appended, but durability {level!r} is unavailable: {reply}"
+        )
+    if isinstance(reply, BaseException):
+        raise _as_streambus(reply)
+    confirmed = int(reply[0]) if level == "fsync" else int(reply)
+    if confirmed < 1:
+        raise DurabilityNotReached(
+            f"signal {stream_id} was appended, but not confirmed {level} in time"
+        )
+
+
+def _as_streambus(exc: BaseException) -> BaseException:
+    if isinstance(exc, rex.ResponseError):
+        return _translate_response(exc)
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+        return BusUnavailable(f"Redis unreachable: {exc}")
+    return exc
+
+
+_T = TypeVar("_T")
+_CHUNK: Final = 256
+"""Waiters per script call: bounds how long one call holds the server (a few ms)."""
+
+
+def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
+    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def _scripted_read(reply: Any) -> list[Entry] | BaseException:
+    """One read of the deliver script: ``[]``, ``[[stream, entries]]`` or ``['ERR', message]``."""
+    if reply and reply[0] == b"ERR":
+        return _translate_response(rex.ResponseError(reply[1].decode()))
+    if not reply:
+        return []
+    return [(entry_id.decode(), _field_map(flat)) for entry_id, flat in reply[0][1]]
+
+
+def _field_map(flat: Any) -> dict[bytes, bytes] | None:
+    if not flat:
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class _Scripts:
+    """The Lua scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
+    e.g. after a restart).
+
+    redis-py's ``Script`` objects are not used in pipelines: there they send ``SCRIPT EXISTS``
+    before every pipeline, a hidden extra round trip on the signal path.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        # Every script in streambus/lua/, by file name: adding a script is adding its file.
+        self._source = {path.stem: path.read_text() for path in sorted(_LUA_DIR.glob("*.lua"))}
+        self._sha = {name: hashlib.sha1(text.encode()).hexdigest()
+                     for name, text in self._source.items()}
+
+    async def call(self, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run one script (callers translate errors)."""
+        try:
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+        except rex.NoScriptError:
+            await self._client.script_load(self._source[name])
+            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Add one script call to a pipeline being built for :meth:`pipeline`."""
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands ``build`` queues, in one round trip; replies or exceptions.
+
+        A script missing on the server did not run at all (``NOSCRIPT`` comes before
+        execution), so loading the scripts and running the pipeline once more is safe.
+        """
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, rex.NoScriptError) for r in replies):
+                for text in self._source.values():
+                    await self._client.script_load(text)
+                continue
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _StoreBase:
+    """What the operation mixins share: the client, the scripts and the limits."""
+
+    _redis: Any
+    _scripts: _Scripts
+    limits: Limits
+
+    async def time_ms(self) -> int:
+        """Server time in ms since the epoch (``TIME``): the one clock streambus trusts."""
+        with _translated():
+            seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000

@@ -1,0 +1,213 @@
+"""Signals, waits and ACKs: the operations on the signal path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions as rex
+
+from streambus.keys import SwarmKeys
+from streambus.schema import FIELD
+from streambus.store._base import (
+    Durability,
+    Entry,
+    GroupRead,
+    Receipt,
+    SwarmSnapshot,
+    WaitStart,
+    _as_streambus,
+    _check_durability,
+    _chunks,
+    _decode_entries,
+    _scripted_read,
+    _StoreBase,
+    _translated,
+)
+
+
+class SignalOps(_StoreBase):
+    """Signals, waits and ACKs: the operations on the signal path."""
+
+    async def swarm_snapshot(self, keys: SwarmKeys) -> SwarmSnapshot:
+        """Server time, every coordinator's state hash, last beat and retry backlog: two
+        round trips, whatever the number of coordinators."""
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                pipe.zrange(keys.coordinators, 0, -1)
+                pipe.zrange(keys.alive, 0, -1, withscores=True)
+                pipe.hgetall(keys.retry_backlog)
+                (seconds, micros), ids, beats, backlog = await pipe.execute()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for coordinator in ids:
+                    pipe.hgetall(keys.state(coordinator.decode()))
+                rows = await pipe.execute()
+        return SwarmSnapshot(
+            now_ms=int(seconds) * 1000 + int(micros) // 1000,
+            states=[{k.decode(): v.decode() for k, v in row.items()} for row in rows if row],
+            beats={c.decode(): int(score) for c, score in beats},
+            backlog={c.decode(): int(n) for c, n in backlog.items()},
+        )
+
+    async def acks_snapshot(self, keys: SwarmKeys, signal_id: str) -> tuple[str, dict[str, str]]:
+        """The acks stream's last id, then who acknowledged ``signal_id`` (probe first)."""
+        with _translated():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(keys.acks, count=1)
+                pipe.hgetall(keys.acked(signal_id))
+                last, acked = await pipe.execute()
+        last_id = last[0][0].decode() if last else "0-0"
+        return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+
+    async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes, *,
+                      durability: Durability = "none", durability_timeout_ms: int = 1000,
+                      ) -> tuple[str, bool]:
+        """Append a signal unless its id was published in the last 24 h: ``(stream_id, dup)``.
+
+        ``durability`` "fsync" confirms the write reached the server's append-only file
+        (``WAITAOF 1 0``, Redis >= 7.2 / Valkey); "replicated" that a replica has it
+        (``WAIT 1``). Both run on the publish's own connection, as they must.
+        """
+        def build(pipe: Any) -> None:
+            self._scripts.queue(
+                pipe, "publish", keys=[keys.dedupe(signal_id), keys.channel(channel)],
+                args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD])
+            if durability == "fsync":
+                pipe.execute_command("WAITAOF", 1, 0, durability_timeout_ms)
+            elif durability == "replicated":
+                pipe.execute_command("WAIT", 1, durability_timeout_ms)
+
+        with _translated():
+            replies = await self._scripts.pipeline(build)
+        published = replies[0]
+        if isinstance(published, BaseException):
+            raise _as_streambus(published)
+        dup, stream_id = published
+        if durability != "none":
+            _check_durability(durability, replies[1], stream_id.decode())
+        return stream_id.decode(), bool(dup)
+
+    async def begin_wait(
+        self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int,
+        watches: Sequence[str] = (),
+    ) -> WaitStart:
+        """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
+        with _translated():
+            reply = await self._scripts.call(
+                "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
+                                    keys.coordinators],
+                args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
+                      self.limits.events_maxlen, ",".join(watches)],
+            )
+        now, deadline, iteration, mode = (int(x) for x in reply[:4])
+        received = reply[4].decode() if mode == 2 else ""
+        started = int(reply[5]) if len(reply) > 5 else (0 if mode else now)
+        return WaitStart(now, deadline, iteration, mode == 1, received, started)
+
+    async def entry(self, stream: str, stream_id: str) -> Entry | None:
+        """One entry by id, or ``None`` if it is gone (trimmed)."""
+        with _translated():
+            raw = await self._redis.xrange(stream, min=stream_id, max=stream_id, count=1)
+        entries = _decode_entries(raw)
+        return entries[0] if entries else None
+
+    async def ack_id(self, keys: SwarmKeys, signal_id: str, coordinator: str) -> str:
+        """The id of ``coordinator``'s Ack of ``signal_id`` (``""`` if it has none)."""
+        with _translated():
+            raw = await self._redis.hget(keys.acked(signal_id), coordinator)
+        return raw.decode() if raw else ""
+
+    async def end_wait(
+        self,
+        keys: SwarmKeys,
+        coordinator: str,
+        channel: str,
+        iteration: int,
+        state: str,
+        ended_event: bytes,
+    ) -> bool:
+        """Record how a wait ended, if it is still the open wait. False: already ended."""
+        with _translated():
+            changed = await self._scripts.call(
+                "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
+                args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
+                      self.limits.events_maxlen],
+            )
+        return bool(changed)
+
+    async def receive_many(self, receipts: Sequence[Receipt]) -> list[str | BaseException]:
+        """Acknowledge delivered signals (one swarm) in one round trip; return each Ack's id."""
+        if not receipts:
+            return []
+        keys = receipts[0].keys
+        if any(r.keys != keys for r in receipts):
+            raise ValueError("receive_many takes the receipts of one swarm")
+        def call_args(chunk: Sequence[Receipt]) -> dict[str, Any]:
+            return {
+                "keys": [keys.acks, keys.events, keys.coordinators, *(
+                    k for r in chunk for k in (
+                        keys.channel(r.channel), keys.acked(r.signal_id),
+                        keys.state(r.coordinator)))],
+                "args": [FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
+                         self.limits.dedupe_ttl_s, *(
+                             a for r in chunk for a in (
+                                 r.coordinator, r.stream_id, r.signal_id, r.ack_event,
+                                 r.received_event, r.ended_event, r.iteration))],
+            }
+
+        chunks = _chunks(receipts)
+        with _translated():
+            if len(chunks) == 1:  # the common case, without a pipeline's overhead
+                try:
+                    replies: list[Any] = [await self._scripts.call("receive",
+                                                                  **call_args(chunks[0]))]
+                except rex.ResponseError as exc:
+                    replies = [exc]
+            else:
+                def build(pipe: Any) -> None:
+                    for chunk in chunks:
+                        self._scripts.queue(pipe, "receive", **call_args(chunk))
+
+                replies = await self._scripts.pipeline(build)
+        out: list[str | BaseException] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, BaseException):
+                out.extend([_as_streambus(reply)] * len(chunk))
+            else:
+                out.extend(ack_id.decode() for ack_id in reply)
+        return out
+
+    async def read_groups(
+        self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
+    ) -> tuple[list[str], list[list[Entry] | BaseException]]:
+        """One round trip: the last id of each ``probes`` stream, then each group read.
+
+        The probes run first, so an entry appended after a probe is either returned by a group
+        read or newer than the probed id; a blocking ``XREAD`` from the probed id cannot miss it.
+        The reads run as one script call per chunk: each waiter's ``XREADGROUP ... COUNT 1``,
+        delivering into its PEL and acknowledging nothing.
+        """
+        def build(pipe: Any) -> None:
+            for stream in probes:
+                pipe.xrevrange(stream, count=1)
+            for chunk in _chunks(reads):
+                self._scripts.queue(
+                    pipe, "deliver", keys=[read.stream for read in chunk],
+                    args=[a for read in chunk
+                          for a in (read.group, "0" if read.pending else ">")])
+
+        with _translated():
+            replies = await self._scripts.pipeline(build)
+        last_ids = []
+        for reply in replies[: len(probes)]:
+            if isinstance(reply, Exception):
+                raise _as_streambus(reply)
+            last_ids.append(reply[0][0].decode() if reply else "0-0")
+        reads_out: list[list[Entry] | BaseException] = []
+        for chunk, reply in zip(_chunks(reads), replies[len(probes):], strict=True):
+            if isinstance(reply, BaseException):
+                reads_out.extend([_as_streambus(reply)] * len(chunk))
+            else:
+                reads_out.extend(_scripted_read(one) for one in reply)
+        return last_ids, reads_out
