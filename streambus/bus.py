@@ -22,7 +22,7 @@ from streambus.config import DEFAULT_WAIT_TIMEOUT_S, Settings
 from streambus.dispatch import Dispatcher, backoff_delay
 from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
 from streambus.keys import SwarmKeys, validate_id
-from streambus.liveness import Liveness
+from streambus.liveness import BeatBatcher, Liveness
 from streambus.retries import DEFAULT_BACKLOG_LIMIT, RetrySent, new_request_id, request_retry
 from streambus.schema import (
     BlockingState,
@@ -97,6 +97,8 @@ class Bus:
         self.publish_retry_budget_s = publish_retry_budget_s
         self.block_ms = block_ms
         self._dispatchers: dict[str, Dispatcher] = {}
+        self.beats = BeatBatcher(store)
+        """Every coordinator of this process beats through it: one call per batch."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._dispatcher_lock = anyio.Lock()

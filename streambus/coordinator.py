@@ -73,7 +73,8 @@ class Coordinator:
     async def heartbeating(self, interval: float | None = None) -> AsyncIterator[Heartbeater]:
         """Beat every ``interval`` (default: the liveness policy's) while the block runs."""
         seconds = interval or (self.liveness or Liveness()).heartbeat_interval
-        beater = Heartbeater(self.bus.store, self.keys, self.id, seconds)
+        beater = Heartbeater(self.bus.store, self.keys, self.id, seconds,
+                             batcher=self.bus.beats)
         async with anyio.create_task_group() as tg:
             await tg.start(beater.run)
             try:
@@ -152,7 +153,7 @@ class Coordinator:
         async with anyio.create_task_group() as tg:
             if self.liveness is not None:
                 beater = Heartbeater(self.bus.store, self.keys, self.id,
-                                     self.liveness.heartbeat_interval)
+                                     self.liveness.heartbeat_interval, batcher=self.bus.beats)
                 await tg.start(beater.run)
             if peers:
                 watch = PeerWatch(self.bus.store, self.keys, peers, self.liveness or Liveness(),

@@ -14,6 +14,7 @@ import pytest
 import streambus
 from streambus import BusUnavailable, Liveness, PeerDead, WaitTimeout
 from streambus.bus import Bus, Delivery
+from streambus.liveness import Heartbeater
 from tests.helpers import until_states
 from tests.servers import ServerProcess
 
@@ -231,3 +232,25 @@ async def test_blocking_view_shows_who_blocks_on_what_since_when(bus: Bus) -> No
     assert abs(now_s - row["since"]) < 10
     assert rows["peer"]["state"] == "idle"  # beats, never waited
     assert rows["peer"]["last_heartbeat_age_s"] is not None
+
+
+async def test_many_coordinators_of_a_process_beat_in_few_calls(bus: Bus) -> None:
+    names = [f"c{n}" for n in range(200)]
+    keys = bus.keys("herd")
+    beaters = [Heartbeater(bus.store, keys, name, FAST.heartbeat_interval, batcher=bus.beats)
+               for name in names]
+    async with anyio.create_task_group() as tg:
+        for beater in beaters:
+            await tg.start(beater.run)  # one after another, as separate coordinators start
+        with anyio.fail_after(10):
+            while True:  # three more beats each, on the shared grid
+                if min(beater.beats for beater in beaters) >= 4:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    _, beats = await bus.store.last_beats(keys, names)
+    assert all(beat is not None for beat in beats.values())
+    assert all(beater.failures == 0 for beater in beaters)
+    later_beats = sum(beater.beats for beater in beaters) - len(names)
+    later_calls = bus.beats.calls - len(names)  # the first beats went out one by one
+    assert later_calls < later_beats / 20

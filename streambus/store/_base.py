@@ -140,7 +140,8 @@ class Limits:
     dedupe_ttl_s: int = 24 * 3600
     channel_retention_ms: int = 24 * 3600 * 1000
     events_maxlen: int = 100_000
-    heartbeat_retention_ms: int = 3600 * 1000
+    heartbeat_retention_ms: int = 5 * 60 * 1000
+    """Beat history kept in the stream; liveness itself reads the ``alive`` index."""
 
 
 Durability = Literal["none", "fsync", "replicated"]

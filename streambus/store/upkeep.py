@@ -104,10 +104,15 @@ class UpkeepOps(_StoreBase):
         """Record one heartbeat; return its server time (ms). ``failures``: beats of this
         coordinator that failed since its last successful one, added to the swarm's
         ``heartbeat_failures`` counter (a beat that fails cannot count itself)."""
+        return await self.beat_many(keys, [(coordinator, event, failures)])
+
+    async def beat_many(self, keys: SwarmKeys, beats: Sequence[tuple[str, bytes, int]]) -> int:
+        """Record the heartbeats ``(coordinator, event, failures)`` of one swarm in one call."""
         with _translated():
             now = await self._scripts.call(
                 "beat", keys=[keys.heartbeats, keys.alive, keys.counters],
-                args=[coordinator, event, self.limits.heartbeat_retention_ms, FIELD, failures],
+                args=[self.limits.heartbeat_retention_ms, FIELD,
+                      *(a for beat in beats for a in beat)],
             )
         return int(now)
 
