@@ -37,6 +37,7 @@ from streambus.tracing import current_carrier, trace_id_of
 
 if TYPE_CHECKING:
     from streambus.coordinator import Coordinator
+    from streambus.hooks import Hooks
 
 log = logging.getLogger("streambus")
 
@@ -275,11 +276,12 @@ class Bus:
     # -- waiting -------------------------------------------------------------------------------
 
     def coordinator(self, swarm: str, coordinator_id: str, *,
-                    liveness: Liveness | None = None) -> Coordinator:
+                    liveness: Liveness | None = None, hooks: Hooks | None = None
+                    ) -> Coordinator:
         """A handle for one coordinator of ``swarm`` (see :class:`Coordinator`)."""
         from streambus.coordinator import Coordinator
 
-        return Coordinator(self, swarm, coordinator_id, liveness=liveness)
+        return Coordinator(self, swarm, coordinator_id, liveness=liveness, hooks=hooks)
 
     async def wait_for(self, swarm: str, coordinator: str, channel: str, *,
                        timeout: float = DEFAULT_WAIT_TIMEOUT_S, **options: Any) -> Delivery:

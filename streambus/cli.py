@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a watched peer silent this long is dead (default 2m)")
     p.add_argument("--reconnect-budget", type=_duration, default=300.0,
                    help="give up (exit 4) after the bus is unreachable this long (default 5m)")
+    p.add_argument("--hooks", default=None, metavar="PROFILE",
+                   help="TOML profile with lifecycle hooks per agent type")
+    p.add_argument("--agent-type", default="coordinator",
+                   help="which agent type's hooks of the profile apply (default coordinator)")
 
     p = sub.add_parser("heartbeat", parents=[common], help="heartbeat until SIGTERM/SIGINT")
     p.add_argument("swarm")
@@ -311,7 +315,12 @@ async def _wait(bus: Bus, args: argparse.Namespace) -> int:
     if args.heartbeat_interval is not None or args.watch:
         liveness = Liveness(heartbeat_interval=args.heartbeat_interval or 5.0,
                             dead_after=args.dead_after)
-    coordinator = bus.coordinator(args.swarm, args.coordinator, liveness=liveness)
+    hooks = None
+    if args.hooks is not None:
+        from streambus.hooks import Hooks
+
+        hooks = Hooks.from_profile(args.hooks, args.agent_type, agent=args.coordinator)
+    coordinator = bus.coordinator(args.swarm, args.coordinator, liveness=liveness, hooks=hooks)
     delivery = await coordinator.wait_for(
         args.channel, timeout=args.timeout, iteration=args.iteration, watch=args.watch,
         reconnect_budget=args.reconnect_budget)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.abc
@@ -28,12 +28,22 @@ from streambus.errors import (
 )
 from streambus.keys import validate_id
 from streambus.liveness import Heartbeater, Liveness, PeerWatch
-from streambus.schema import BlockingEnded, BlockingState, Outcome, Signal, decode_fields, encode
+from streambus.schema import (
+    BlockingEnded,
+    BlockingStarted,
+    BlockingState,
+    Outcome,
+    Signal,
+    SignalReceived,
+    decode_fields,
+    encode,
+)
 from streambus.store import WaitStart
 from streambus.tracing import trace_id_of
 
 if TYPE_CHECKING:
     from streambus.bus import Bus, Delivery
+    from streambus.hooks import Hooks
     from streambus.retries import RetryHandler
 
 log = logging.getLogger("streambus")
@@ -50,12 +60,14 @@ class Coordinator:
     """
 
     def __init__(self, bus: Bus, swarm: str, coordinator_id: str, *,
-                 liveness: Liveness | None = None) -> None:
+                 liveness: Liveness | None = None, hooks: Hooks | None = None) -> None:
         self.bus = bus
         self.keys = bus.keys(swarm)
         self.swarm = swarm
         self.id = validate_id(coordinator_id, "coordinator id")
         self.liveness = liveness
+        self.hooks = hooks
+        """Lifecycle hooks (``streambus.hooks``): time-limited, never able to break a wait."""
         self._waiter: Waiter | None = None
 
     def __repr__(self) -> str:
@@ -147,10 +159,18 @@ class Coordinator:
     async def _supervised(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart,
                           peers: list[str], on_retry: RetryHandler | None) -> Delivery:
         """Block, with the heartbeat, the peer watch and the retry consumer beside the wait."""
-        if self.liveness is None and not peers and on_retry is None:
+        if self.hooks is not None and self.hooks.configured("on_retry_request"):
+            on_retry = self.hooks.retry_handler(on_retry)
+        starting = self.hooks is not None and self.hooks.configured("on_blocking_start")
+        if self.liveness is None and not peers and on_retry is None and not starting:
             return await self._block(dispatcher, waiter, start)  # nothing to run beside it
         failure: StreambusError | None = None
         async with anyio.create_task_group() as tg:
+            if starting:  # beside the wait, so a slow hook never delays a delivery
+                tg.start_soon(self._fire, "on_blocking_start", BlockingStarted(
+                    coordinator=self.id, channel=waiter.channel, iteration=start.iteration,
+                    started_ms=start.started_ms, deadline_ms=start.deadline_ms,
+                    resumed=start.resumed))
             if self.liveness is not None:
                 beater = Heartbeater(self.bus.store, self.keys, self.id,
                                      self.liveness.heartbeat_interval, batcher=self.bus.beats)
@@ -205,9 +225,17 @@ class Coordinator:
             await self._confirm(waiter)
         if waiter.error is not None:
             await self._end(waiter, _outcome_of(waiter.error), str(waiter.error))
+            if isinstance(waiter.error, PeerDead):
+                await self._fire("on_peer_dead", {
+                    "coordinator": self.id, "swarm": self.swarm, "channel": waiter.channel,
+                    "iteration": waiter.iteration, "peers": waiter.error.peers})
             raise waiter.error
         if waiter.signal is None or not waiter.ack_id:
             await self._end(waiter, Outcome.TIMEOUT, "deadline reached")
+            await self._fire("on_blocking_timeout", BlockingEnded(
+                coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
+                outcome=Outcome.TIMEOUT, detail="deadline reached",
+                started_ms=start.started_ms))
             raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
         delivery = Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id,
                             waiter.iteration)
@@ -217,7 +245,16 @@ class Coordinator:
                                    outcome=Outcome.SIGNALED, signal_id=waiter.signal.signal_id,
                                    latency_ms=delivery.latency_ms,
                                    trace_id=trace_id_of(waiter.signal.trace)))
+        await self._fire("on_signal_received", SignalReceived(
+            coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
+            signal_id=waiter.signal.signal_id, stream_id=waiter.stream_id,
+            started_ms=start.started_ms))
         return delivery
+
+    async def _fire(self, name: str, event: Any) -> None:
+        """Run the hooks of ``name`` (bounded by their limits; failures are only logged)."""
+        if self.hooks is not None and self.hooks.configured(name):
+            await self.hooks.fire(name, event)
 
     async def _confirm(self, waiter: Waiter) -> None:
         """The deadline came while a receipt's reply was lost: it may have been applied, so
