@@ -31,13 +31,8 @@ import anyio.abc
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
 from streambus.keys import SwarmKeys
 from streambus.schema import (
-    Ack,
-    BlockingEnded,
-    Outcome,
     Signal,
-    SignalReceived,
     decode_fields,
-    encode,
     stream_id_tuple,
 )
 from streambus.store import BlockingReader, Entry, GroupMissing, GroupRead, Receipt, Store
@@ -89,20 +84,9 @@ class Waiter:
 
     def receipt(self, signal: Signal, stream_id: str) -> Receipt:
         """What the ``receive`` script records when this waiter takes ``signal``."""
-        who, sid = self.coordinator, signal.signal_id
-        return Receipt(
-            keys=self.keys, coordinator=who, channel=self.channel,
-            stream_id=stream_id, signal_id=sid,
-            ack_event=encode(Ack(coordinator=who, channel=self.channel, iteration=self.iteration,
-                                 signal_id=sid, stream_id=stream_id)),
-            received_event=encode(SignalReceived(
-                coordinator=who, channel=self.channel, iteration=self.iteration, signal_id=sid,
-                stream_id=stream_id, started_ms=self.started_ms)),
-            ended_event=encode(BlockingEnded(
-                coordinator=who, channel=self.channel, iteration=self.iteration, signal_id=sid,
-                outcome=Outcome.SIGNALED, started_ms=self.started_ms)),
-            iteration=self.iteration,
-        )
+        return Receipt(keys=self.keys, coordinator=self.coordinator, channel=self.channel,
+                       stream_id=stream_id, signal_id=signal.signal_id,
+                       iteration=self.iteration, started_ms=self.started_ms)
 
 
 class Dispatcher:

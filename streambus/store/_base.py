@@ -119,17 +119,16 @@ class GroupRead:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """Everything the ``receive`` script needs to acknowledge one delivered signal."""
+    """Everything the ``receive`` script needs to acknowledge one delivered signal (it builds
+    the Ack, SignalReceived and BlockingEnded events from these)."""
 
     keys: SwarmKeys
     coordinator: str
     channel: str
     stream_id: str
     signal_id: str
-    ack_event: bytes
-    received_event: bytes
-    ended_event: bytes
     iteration: int
+    started_ms: int
 
 
 @dataclass(frozen=True, slots=True)

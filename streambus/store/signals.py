@@ -152,8 +152,8 @@ class SignalOps(_StoreBase):
                 "args": [FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
                          self.limits.dedupe_ttl_s, *(
                              a for r in chunk for a in (
-                                 r.coordinator, r.stream_id, r.signal_id, r.ack_event,
-                                 r.received_event, r.ended_event, r.iteration))],
+                                 r.coordinator, r.stream_id, r.signal_id, r.channel,
+                                 r.iteration, r.started_ms))],
             }
 
         chunks = _chunks(receipts)
