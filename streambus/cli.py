@@ -194,9 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--stop", action="store_true", help="stop the background embedded server")
 
-    p = sub.add_parser("demo", parents=[common], help="a small swarm: waiters, a signal, ACKs")
-    p.add_argument("--coordinators", type=int, default=3)
-    p.add_argument("--timeout", type=_duration, default=30.0)
+    p = sub.add_parser("demo", parents=[common],
+                       help="a CFN Loop epic run by real processes (the plan's scenario 1)")
+    p.add_argument("--scenario", choices=("standard", "clean", "escalate"), default="standard",
+                   help="standard: retry rounds; clean: none; escalate: consensus never comes")
+    p.add_argument("--coordinators", type=int, default=3, help="Loop 3 coordinators (1-26)")
+    p.add_argument("--validators", type=int, choices=(2, 3, 4), default=3)
+    p.add_argument("--seed", type=int, default=None, help="reproduce a run (default: random)")
+    p.add_argument("--timeout", type=_duration, default=60.0, help="for the whole run")
+    p.add_argument("--pace", type=float, default=1.0,
+                   help="scale the simulated work's durations (0: as fast as possible)")
+    p.add_argument("--json", action="store_true", help="the summary as one JSON line on stdout")
     return parser
 
 
@@ -406,9 +414,11 @@ async def _status(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _demo(bus: Bus, args: argparse.Namespace) -> int:
-    from streambus.demo import run_demo
+    from streambus.demo import DemoOptions, run_demo
 
-    return await run_demo(bus, coordinators=args.coordinators, timeout=args.timeout)
+    return await run_demo(bus, DemoOptions(
+        scenario=args.scenario, coordinators=args.coordinators, validators=args.validators,
+        seed=args.seed, timeout=args.timeout, pace=args.pace, json=args.json))
 
 
 def _server(args: argparse.Namespace) -> int:

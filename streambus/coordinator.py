@@ -129,12 +129,19 @@ class Coordinator:
                                    resumed=start.resumed, deadline_ms=start.deadline_ms))
         if start.received_stream_id:
             return await self._recorded(channel, start)
-        dispatcher = await self.bus.dispatcher(self.keys)
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
                         reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
         self._waiter = waiter
         try:
+            dispatcher = await self.bus.dispatcher(self.keys)
             return await self._supervised(dispatcher, waiter, start, peers, on_retry)
+        except BaseException:
+            # Cancelled (or failed) before the wait blocked, e.g. while its heartbeat or retry
+            # consumer started: the wait is open on the bus, so close it as cancelled.
+            if not waiter.ended and not waiter.ack_id:
+                with anyio.CancelScope(shield=True):
+                    await self._end(waiter, Outcome.CANCELLED, "cancelled before it blocked")
+            raise
         finally:
             self._waiter = None
 
@@ -277,6 +284,7 @@ class Coordinator:
 
     async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
         """Record the end of a wait; best effort when the bus is down."""
+        waiter.ended = True
         event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
                                      iteration=waiter.iteration, outcome=outcome, detail=detail,
                                      started_ms=waiter.started_ms))

@@ -71,6 +71,8 @@ class Waiter:
     error: BaseException | None = None
     settled: anyio.Event = field(default_factory=anyio.Event)
     in_flight: bool = False
+    ended: bool = False
+    """The end of this wait was recorded (or attempted) by its coordinator."""
     started_ms: int = 0
     """When the wait began (server ms), carried by the lifecycle events it ends with."""
 

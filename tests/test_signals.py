@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from streambus import AckTimeout, InvalidId, PayloadTooLarge, WaitTimeout
@@ -159,3 +160,22 @@ async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
         assert 0 < await raw.ttl(key) <= day, key
     # Streams are trimmed instead: channels by age on publish, event streams by length.
     assert published.stream_id
+
+
+async def test_a_wait_cancelled_before_it_blocks_is_recorded_cancelled(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled after begin_wait ran but before the wait blocked (here: while it gets its
+    dispatcher), the wait must not stay 'waiting' on the bus until its deadline."""
+    real = bus.dispatcher
+    with anyio.CancelScope() as scope:
+
+        async def cancelled_meanwhile(keys: object) -> object:
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()  # the cancellation lands here
+            return await real(keys)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(bus, "dispatcher", cancelled_meanwhile)
+        await bus.wait_for("early", "c", "ch", timeout=60)
+    [row] = await bus.status("early")
+    assert row["state"] == "cancelled"
