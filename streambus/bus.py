@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -18,12 +18,18 @@ import anyio
 import anyio.abc
 import msgspec
 
-from streambus.config import DEFAULT_WAIT_TIMEOUT_S, Settings
+from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S, Settings
 from streambus.dispatch import Dispatcher, backoff_delay
 from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
 from streambus.keys import SwarmKeys, validate_id
 from streambus.liveness import BeatBatcher, Liveness
-from streambus.retries import DEFAULT_BACKLOG_LIMIT, RetrySent, new_request_id, request_retry
+from streambus.retries import (
+    DEFAULT_BACKLOG_LIMIT,
+    RetryHandler,
+    RetrySent,
+    new_request_id,
+    request_retry,
+)
 from streambus.schema import (
     BlockingState,
     Event,
@@ -283,12 +289,22 @@ class Bus:
 
         return Coordinator(self, swarm, coordinator_id, liveness=liveness, hooks=hooks)
 
-    async def wait_for(self, swarm: str, coordinator: str, channel: str, *,
-                       timeout: float = DEFAULT_WAIT_TIMEOUT_S, **options: Any) -> Delivery:
+    async def wait_for(
+        self,
+        swarm: str,
+        coordinator: str,
+        channel: str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT_S,
+        iteration: int = 0,
+        watch: Sequence[str] = (),
+        reconnect_budget: float = DEFAULT_RECONNECT_BUDGET_S,
+        on_retry: RetryHandler | None = None,
+    ) -> Delivery:
         """Shorthand for ``bus.coordinator(swarm, coordinator).wait_for(channel, ...)``."""
         return await self.coordinator(swarm, coordinator).wait_for(
-            channel, timeout=timeout, **options
-        )
+            channel, timeout=timeout, iteration=iteration, watch=watch,
+            reconnect_budget=reconnect_budget, on_retry=on_retry)
 
     async def dispatcher(self, keys: SwarmKeys) -> Dispatcher:
         """The dispatcher serving ``keys.swarm`` in this process, started on first use."""

@@ -14,6 +14,7 @@ ENV_URL: Final = "STREAMBUS_REDIS_URL"
 ENV_NAMESPACE: Final = "STREAMBUS_NAMESPACE"
 DEFAULT_NAMESPACE: Final = "streambus"
 DEFAULT_WAIT_TIMEOUT_S: Final = 30 * 60.0
+DEFAULT_RECONNECT_BUDGET_S: Final = 300.0
 
 _DURATION = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>ms|s|m|h)?")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.abc
 
-from streambus.config import DEFAULT_WAIT_TIMEOUT_S
+from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S
 from streambus.dispatch import Dispatcher, Waiter
 from streambus.errors import (
     BusUnavailable,
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("streambus")
 
 _END_WAIT_LIMIT_S: Final = 5.0
-DEFAULT_RECONNECT_BUDGET_S: Final = 300.0
 
 
 class Coordinator:
