@@ -414,7 +414,7 @@ async def _status(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _demo(bus: Bus, args: argparse.Namespace) -> int:
-    from streambus.demo import DemoOptions, run_demo
+    from streambus.cfn.demo import DemoOptions, run_demo
 
     return await run_demo(bus, DemoOptions(
         scenario=args.scenario, coordinators=args.coordinators, validators=args.validators,

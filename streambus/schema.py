@@ -194,7 +194,7 @@ class EpicStarted(Event, tag="epic_started", frozen=True, kw_only=True):
 
 
 class LoopTransition(Event, tag="loop_transition", frozen=True, kw_only=True):
-    """A phase of an epic moved from one loop state to the next (see ``streambus.loop``)."""
+    """A phase of an epic moved from one loop state to the next (see ``streambus.cfn.loop``)."""
 
     epic: str
     phase: str
@@ -207,7 +207,7 @@ class LoopTransition(Event, tag="loop_transition", frozen=True, kw_only=True):
 
 
 class ProductOwnerDecision(Event, tag="product_owner_decision", frozen=True, kw_only=True):
-    """A Loop 4 Product Owner's decision on a phase (see ``streambus.decision``)."""
+    """A Loop 4 Product Owner's decision on a phase (see ``streambus.cfn.decision``)."""
 
     decision: Literal["PROCEED", "DEFER", "ESCALATE"]
     confidence: Confidence

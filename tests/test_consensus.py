@@ -9,7 +9,7 @@ import pytest
 
 from streambus import InvalidInput, Liveness, Verdict
 from streambus.bus import Bus
-from streambus.consensus import (
+from streambus.cfn.consensus import (
     ConsensusResult,
     RoundStatus,
     Thresholds,

@@ -8,8 +8,8 @@ import pytest
 
 from streambus import InvalidInput, Verdict
 from streambus.bus import Bus
-from streambus.consensus import ConsensusResult, Thresholds, evaluate_consensus
-from streambus.decision import (
+from streambus.cfn.consensus import ConsensusResult, Thresholds, evaluate_consensus
+from streambus.cfn.decision import (
     Decider,
     Decision,
     DecisionContext,

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from streambus.bus import Bus
-from streambus.loop import EpicLoop
+from streambus.cfn.loop import EpicLoop
 from streambus.server import read_info, stop_server
 from tests.clitools import Cli, finish, one_json_object, status
 

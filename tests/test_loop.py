@@ -12,8 +12,8 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from streambus.bus import Bus
+from streambus.cfn.loop import ALLOWED, EpicLoop, IllegalTransition, PhaseState
 from streambus.errors import InvalidInput
-from streambus.loop import ALLOWED, EpicLoop, IllegalTransition, PhaseState
 
 pytestmark = pytest.mark.anyio
 
@@ -107,7 +107,7 @@ async def test_unknown_phase_and_restart_with_other_phases_are_refused(bus: Bus)
 
 WORKER = textwrap.dedent('''
     import sys, anyio, streambus
-    from streambus.loop import EpicLoop
+    from streambus.cfn.loop import EpicLoop
 
     url, ns = sys.argv[1:3]
 

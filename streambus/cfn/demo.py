@@ -3,7 +3,7 @@
 An epic of two phases (authentication, then authorization). For each phase the demo process,
 the orchestrator (coordinator ``loop2``), moves the phase through :class:`EpicLoop` and spawns:
 
-- ``--coordinators`` Loop 3 coordinator processes (``streambus.demo_agents``): their simulated
+- ``--coordinators`` Loop 3 coordinator processes (``streambus.cfn.demo_agents``): their simulated
   implementers report self-confidence until the Loop 3 gate passes; each coordinator reports,
   then *blocks* on the phase's ``loop2-done`` channel (heartbeating, watching the orchestrator)
   and handles retry requests while it blocks;
@@ -39,7 +39,7 @@ import msgspec
 from anyio.abc import Process
 
 from streambus.bus import Bus
-from streambus.consensus import (
+from streambus.cfn.consensus import (
     ConsensusResult,
     Thresholds,
     collect_verdicts,
@@ -47,11 +47,11 @@ from streambus.consensus import (
     send_retry_requests,
     stable_id,
 )
-from streambus.decision import DecisionContext, DefaultDecider, publish_decision
-from streambus.demo_agents import IMPLEMENTERS, LIVENESS, ORCHESTRATOR, SCENARIOS, PhaseChannels
-from streambus.demo_view import DemoView
+from streambus.cfn.decision import DecisionContext, DefaultDecider, publish_decision
+from streambus.cfn.demo_agents import IMPLEMENTERS, LIVENESS, ORCHESTRATOR, SCENARIOS, PhaseChannels
+from streambus.cfn.demo_view import DemoView
+from streambus.cfn.loop import EpicLoop, IllegalTransition, PhaseState, as_dict
 from streambus.errors import AckTimeout, InvalidInput, PeerDead, StreambusError, WaitTimeout
-from streambus.loop import EpicLoop, IllegalTransition, PhaseState, as_dict
 from streambus.schema import stream_id_ms
 
 PHASES: Final = ("authentication", "authorization")
@@ -119,8 +119,8 @@ class Agents:
 
     async def spawn(self, role: str, phase: str, name: str, *args: str) -> Agent:
         process = await anyio.open_process(
-            [sys.executable, "-m", "streambus.demo_agents", role, "--phase", phase, "--id", name,
-             *args], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "streambus.cfn.demo_agents", role, "--phase", phase,
+             "--id", name, *args], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)  # Ctrl-C reaches the demo only
         agent = Agent(name, phase, process)
         self.all.append(agent)

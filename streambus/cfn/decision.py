@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
-from streambus.consensus import ConsensusResult, Thresholds, stable_id
+from streambus.cfn.consensus import ConsensusResult, Thresholds, stable_id
 from streambus.errors import InvalidInput
 from streambus.keys import validate_id
 from streambus.schema import ProductOwnerDecision, Signal

@@ -1,7 +1,7 @@
 """The agents of ``streambus demo``, each a real process: Loop 3 coordinators and validators.
 
-    python -m streambus.demo_agents coordinator --swarm S --phase P --id coordinator-a ...
-    python -m streambus.demo_agents validator --swarm S --phase P --id validator-1 ...
+    python -m streambus.cfn.demo_agents coordinator --swarm S --phase P --id coordinator-a ...
+    python -m streambus.cfn.demo_agents validator --swarm S --phase P --id validator-1 ...
 
 They find the bus through ``STREAMBUS_REDIS_URL`` / ``STREAMBUS_NAMESPACE`` (the demo sets
 both), print one JSON line when they are done and exit 0 (2 on a timeout, 3 when the demo's
@@ -38,7 +38,7 @@ import anyio
 import msgspec
 
 from streambus.bus import Bus, connect
-from streambus.consensus import (
+from streambus.cfn.consensus import (
     Thresholds,
     evaluate_gate,
     publish_verdict,
@@ -247,7 +247,7 @@ def _left(deadline: float) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m streambus.demo_agents")
+    parser = argparse.ArgumentParser(prog="python -m streambus.cfn.demo_agents")
     sub = parser.add_subparsers(dest="role", required=True)
     for role in ("coordinator", "validator"):
         p = sub.add_parser(role)
