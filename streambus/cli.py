@@ -13,8 +13,9 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Generic, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -34,6 +35,8 @@ from streambus.errors import (
 from streambus.keys import SwarmKeys, validate_id
 from streambus.liveness import Liveness
 from streambus.logs import ENV_LOG_FORMAT, LOG_FORMATS, configure_logging, resolve_log_format
+
+T = TypeVar("T")
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -271,32 +274,49 @@ class _Signalled(Exception):
 Command = Callable[[Bus, argparse.Namespace], Awaitable[int]]
 
 
-async def _run_with_signals(command: Command, args: argparse.Namespace) -> int:
-    """Run ``command``; SIGINT/SIGTERM cancel it (so waits record ``cancelled``)."""
-    received: list[int] = []
+@dataclass
+class Interruptible(Generic[T]):
+    """What :func:`run_interruptible` saw: the result, or the signal that cut the work short."""
+
+    result: T | None = None
+    signum: int | None = None
+
+
+async def run_interruptible(work: Callable[[], Awaitable[T]]) -> Interruptible[T]:
+    """Run ``work``; SIGINT/SIGTERM cancel it, so a wait in it records ``cancelled``.
+
+    A :class:`StreambusError` from ``work`` is raised as itself (outside the task group that
+    watches the signals, so never wrapped in an ExceptionGroup).
+    """
+    outcome: Interruptible[T] = Interruptible()
     failure: StreambusError | None = None
-    code = EXIT_ERROR
-    async with connect(args.redis_url, namespace=args.namespace) as bus, \
-            anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    received.append(signum)
+                    outcome.signum = signum
                     tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(watch_signals)
         try:
-            code = await command(bus, args)
+            outcome.result = await work()
         except StreambusError as exc:
-            failure = exc  # raised below, outside the task group, so not as an ExceptionGroup
+            failure = exc
         tg.cancel_scope.cancel()
-    if received:
-        raise _Signalled(received[0])
-    if failure is not None:
+    if failure is not None and outcome.signum is None:
         raise failure
-    return code
+    return outcome
+
+
+async def _run_with_signals(command: Command, args: argparse.Namespace) -> int:
+    """Run ``command`` on a connected bus; SIGINT/SIGTERM end it as :class:`_Signalled`."""
+    async with connect(args.redis_url, namespace=args.namespace) as bus:
+        outcome = await run_interruptible(lambda: command(bus, args))
+    if outcome.signum is not None:
+        raise _Signalled(outcome.signum)
+    return EXIT_ERROR if outcome.result is None else outcome.result
 
 
 def _print(obj: Any) -> None:

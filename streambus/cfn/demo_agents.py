@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import random
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from streambus.cfn.consensus import (
     stable_id,
     verdict_channel,
 )
+from streambus.cli import run_interruptible
 from streambus.errors import PeerDead, StreambusError, WaitTimeout
 from streambus.liveness import Liveness
 from streambus.schema import RetryRequest, Verdict
@@ -266,31 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _main(args: argparse.Namespace) -> int:
     """Run the agent; SIGTERM/SIGINT cancel it (so its wait is recorded ``cancelled``)."""
-    received: list[int] = []
-    result: dict[str, Any] | None = None
-    failure: StreambusError | None = None
-    async with connect() as bus, anyio.create_task_group() as tg:
-
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    received.append(signum)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch_signals)
-        try:
-            run = run_coordinator if args.role == "coordinator" else run_validator
-            result = await run(bus, args)
-        except StreambusError as exc:
-            failure = exc  # handled outside the task group, not as an ExceptionGroup
-        tg.cancel_scope.cancel()
-    if received:
-        return 128 + received[0]
-    if failure is not None:
+    run = run_coordinator if args.role == "coordinator" else run_validator
+    try:
+        async with connect() as bus:
+            outcome = await run_interruptible(lambda: run(bus, args))
+    except StreambusError as failure:
         print(f"{args.id}: {failure}", file=sys.stderr)
         return 2 if isinstance(failure, WaitTimeout) else 3 if isinstance(failure, PeerDead) else 1
-    print(json.dumps(result), flush=True)
+    if outcome.signum is not None:
+        return 128 + outcome.signum
+    print(json.dumps(outcome.result), flush=True)
     return 0
 
 
