@@ -241,7 +241,7 @@ class Bus:
         Raises :class:`AckTimeout` (listing who did and did not) when ``timeout`` passes first.
         """
         keys = self.keys(swarm)
-        wanted = [validate_id(c, "coordinator id") for c in coordinators]
+        wanted = list(dict.fromkeys(validate_id(c, "coordinator id") for c in coordinators))
         reader = self.store.blocking_reader(block_ms=min(self.block_ms, 1000))
         acked: dict[str, str] = {}
         try:
@@ -249,8 +249,10 @@ class Bus:
                 attempt = 0
                 while True:
                     try:
-                        last_id, acked = await self.store.acks_snapshot(keys, signal_id)
-                        if all(c in acked for c in wanted):
+                        missing = [c for c in wanted if c not in acked]
+                        last_id, new = await self.store.acks_snapshot(keys, signal_id, missing)
+                        acked.update(new)
+                        if len(new) == len(missing):
                             return tuple(wanted)
                         await reader.read({keys.acks: last_id})
                         attempt = 0

@@ -179,3 +179,13 @@ async def test_a_wait_cancelled_before_it_blocks_is_recorded_cancelled(
         await bus.wait_for("early", "c", "ch", timeout=60)
     [row] = await bus.status("early")
     assert row["state"] == "cancelled"
+
+
+async def test_ack_wait_counts_each_coordinator_once_as_acks_arrive(bus: Bus) -> None:
+    published = await bus.publish("acks2", "ch", "x")
+    async with anyio.create_task_group() as tg:
+        for name in ("a", "b", "c"):
+            tg.start_soon(lambda name=name: bus.wait_for("acks2", name, "ch", timeout=10))
+        acked = await bus.wait_for_acks("acks2", published.signal_id, ["a", "b", "a", "c"],
+                                        timeout=10)
+    assert acked == ("a", "b", "c")

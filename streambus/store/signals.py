@@ -50,15 +50,24 @@ class SignalOps(_StoreBase):
             backlog={c.decode(): int(n) for c, n in backlog.items()},
         )
 
-    async def acks_snapshot(self, keys: SwarmKeys, signal_id: str) -> tuple[str, dict[str, str]]:
-        """The acks stream's last id, then who acknowledged ``signal_id`` (probe first)."""
+    async def acks_snapshot(self, keys: SwarmKeys, signal_id: str,
+                            coordinators: Sequence[str] | None = None
+                            ) -> tuple[str, dict[str, str]]:
+        """The acks stream's last id, then who acknowledged ``signal_id`` (probe first): every
+        coordinator, or only those of ``coordinators`` (the ones still awaited, so a sender
+        waiting for 10,000 ACKs does not re-read those it already has on every wake)."""
         with _translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xrevrange(keys.acks, count=1)
-                pipe.hgetall(keys.acked(signal_id))
+                if coordinators is None:
+                    pipe.hgetall(keys.acked(signal_id))
+                else:
+                    pipe.hmget(keys.acked(signal_id), list(coordinators))
                 last, acked = await pipe.execute()
         last_id = last[0][0].decode() if last else "0-0"
-        return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+        if coordinators is None:
+            return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+        return last_id, {c: v.decode() for c, v in zip(coordinators, acked, strict=True) if v}
 
     async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes, *,
                       durability: Durability = "none", durability_timeout_ms: int = 1000,
