@@ -205,10 +205,7 @@ class Coordinator:
         log.warning("coordinator %s: %s; ending its wait on %s", self.id, dead, waiter.channel,
                     extra=self._facts(waiter.channel, waiter.iteration, "peer_dead",
                                       peers=sorted(dead.peers)))
-        while not dispatcher.fail(waiter, dead):
-            if waiter.settled.is_set():
-                return
-            await anyio.sleep(0.001)  # a delivery is mid-flight: let it finish first
+        dispatcher.fail(waiter, dead)
 
     async def _block(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart) -> Delivery:
         from streambus.bus import Delivery

@@ -72,6 +72,8 @@ class Waiter:
     settled: anyio.Event = field(default_factory=anyio.Event)
     in_flight: bool = False
     ended: bool = False
+    failing: BaseException | None = None
+    """An error (a dead peer) to end the wait with once the delivery in flight is over."""
     """The end of this wait was recorded (or attempted) by its coordinator."""
     started_ms: int = 0
     """When the wait began (server ms), carried by the lifecycle events it ends with."""
@@ -137,12 +139,21 @@ class Dispatcher:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await waiter.settled.wait()
 
-    def fail(self, waiter: Waiter, error: BaseException) -> bool:
-        """End ``waiter`` with ``error`` unless it settled or its delivery is mid-flight."""
-        if waiter.settled.is_set() or waiter.in_flight:
-            return False
+    def fail(self, waiter: Waiter, error: BaseException) -> None:
+        """End ``waiter`` with ``error``, unless a delivery settles it first: one mid-flight
+        is let finish (a signal that arrived wins), and the error lands after it if not."""
+        if waiter.settled.is_set():
+            return
+        if waiter.in_flight:
+            waiter.failing = error
+            return
         self._settle(waiter, error=error)
-        return True
+
+    def _landed(self, waiter: Waiter) -> None:
+        """A delivery attempt for ``waiter`` is over: apply an error that waited for it."""
+        waiter.in_flight = False
+        if waiter.failing is not None and not waiter.settled.is_set():
+            self._settle(waiter, error=waiter.failing)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -230,7 +241,7 @@ class Dispatcher:
             if receipt is not None:
                 await self._acknowledge([(waiter, receipt)])
         finally:
-            waiter.in_flight = False
+            self._landed(waiter)
 
     async def _serve_dirty(self) -> None:
         batch = [w for w in self._dirty if not w.settled.is_set()]
@@ -258,7 +269,7 @@ class Dispatcher:
             raise
         finally:
             for waiter in batch:
-                waiter.in_flight = False
+                self._landed(waiter)
 
     async def _take_replies(
         self, batch: list[Waiter], replies: list[list[Entry] | BaseException]
