@@ -48,8 +48,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from streambus.backoff import keep_running
 from streambus.bus import Bus
-from streambus.dispatch import backoff_delay
 from streambus.errors import BusUnavailable, InvalidId, StreambusError
 from streambus.keys import SwarmKeys, swarm_index_pattern, swarm_of_index, validate_id
 from streambus.projection import Projector
@@ -258,16 +258,11 @@ class Exporter(Collector):
         await projector.catch_up()
         self.projections[swarm] = projection
         task_status.started()
-        attempt = 0
-        while True:
-            # ``run`` retries outages only once it follows the streams, and a group the server
-            # lost (a restart without AOF) ends it: start it again, which recreates the group.
-            try:
-                await projector.run()
-            except (BusUnavailable, GroupMissing) as exc:
-                log.warning("metrics projector of %s: %s; starting it again", swarm, exc)
-                await anyio.sleep(backoff_delay(min(attempt, 10)))
-                attempt += 1
+        # ``run`` retries outages only once it follows the streams, and a group the server
+        # lost (a restart without AOF) ends it: start it again, which recreates the group.
+        await keep_running(projector.run, retry_on=(BusUnavailable, GroupMissing),
+                           on_unavailable=lambda exc: log.warning(
+                               "metrics projector of %s: %s; starting it again", swarm, exc))
 
     async def families(self) -> list[Metric]:
         """Every metric, read now (Redis) and from the projections."""

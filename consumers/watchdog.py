@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import anyio
 import anyio.abc
 
+from streambus.backoff import Backoff
 from streambus.bus import Bus
-from streambus.dispatch import backoff_delay
 from streambus.errors import BusUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,18 @@ class Watchdog:
                   ) -> None:
         await self.check()
         task_status.started()
-        attempt = 0
+        backoff, failed = Backoff(), False
         while True:
-            await anyio.sleep(self.interval if attempt == 0 else backoff_delay(attempt))
+            # After a failed pass the next one follows the backoff, not a whole interval.
+            await (backoff.sleep() if failed else anyio.sleep(self.interval))
             try:
                 await self.check()
-                attempt = 0
             except BusUnavailable as exc:
                 log.warning("watchdog %s: %s", self.keys.swarm, exc)
-                attempt += 1
+                failed = True
+            else:
+                failed = False
+                backoff.reset()
 
     async def check(self) -> list[str]:
         """One pass: report the coordinators that lapsed since the last pass."""

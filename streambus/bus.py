@@ -18,8 +18,9 @@ import anyio
 import anyio.abc
 import msgspec
 
+from streambus.backoff import Backoff, retry_within
 from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S, Settings
-from streambus.dispatch import Dispatcher, backoff_delay
+from streambus.dispatch import Dispatcher
 from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
 from streambus.keys import SwarmKeys, validate_id
 from streambus.liveness import BeatBatcher, Liveness
@@ -246,7 +247,7 @@ class Bus:
         acked: dict[str, str] = {}
         try:
             with anyio.move_on_after(timeout):
-                attempt = 0
+                backoff = Backoff()
                 while True:
                     try:
                         missing = [c for c in wanted if c not in acked]
@@ -255,11 +256,10 @@ class Bus:
                         if len(new) == len(missing):
                             return tuple(wanted)
                         await reader.read({keys.acks: last_id})
-                        attempt = 0
+                        backoff.reset()
                     except BusUnavailable:
                         # ACKs are recorded durably; keep asking until the timeout.
-                        await anyio.sleep(backoff_delay(attempt))
-                        attempt += 1
+                        await backoff.sleep()
         finally:
             with anyio.CancelScope(shield=True):
                 await reader.aclose()
@@ -270,16 +270,7 @@ class Bus:
         """Run an idempotent operation, retrying connection errors with capped, jittered
         backoff for ``publish_retry_budget_s`` (each attempt is bounded by the socket timeout).
         """
-        attempt = 0
-        started = anyio.current_time()
-        while True:
-            try:
-                return await operation()
-            except BusUnavailable:
-                if anyio.current_time() - started > self.publish_retry_budget_s:
-                    raise
-                await anyio.sleep(backoff_delay(attempt))
-                attempt += 1
+        return await retry_within(operation, self.publish_retry_budget_s)
 
     # -- waiting -------------------------------------------------------------------------------
 

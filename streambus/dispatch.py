@@ -21,13 +21,13 @@ Correctness rests on three rules:
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from typing import Final
 
 import anyio
 import anyio.abc
 
+from streambus.backoff import keep_running
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
 from streambus.keys import SwarmKeys
 from streambus.schema import (
@@ -39,15 +39,7 @@ from streambus.store import BlockingReader, Entry, GroupMissing, GroupRead, Rece
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_BASE_S: Final = 0.02
-_BACKOFF_CAP_S: Final = 0.5
-"""Reconnect backoff cap: small, so a returning server is used within one cap (< 1 s)."""
 _KICK_ATTEMPTS: Final = 200
-
-
-def backoff_delay(attempt: int) -> float:
-    """Capped exponential backoff with full jitter, for reconnects and retried commands."""
-    return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
 
 
 @dataclass(eq=False)
@@ -164,22 +156,23 @@ class Dispatcher:
             self._tg = tg
             task_status.started()
             failing_since: float | None = None
-            attempt = 0
-            while True:
-                try:
-                    await self._cycle()
-                except BusUnavailable as exc:
-                    now = anyio.current_time()
-                    failing_since = failing_since if failing_since is not None else now
-                    self._after_disconnect(exc, now - failing_since)
-                    await anyio.sleep(backoff_delay(attempt))
-                    attempt += 1
-                    continue
+
+            def unavailable(exc: Exception) -> None:
+                nonlocal failing_since
+                now = anyio.current_time()
+                failing_since = failing_since if failing_since is not None else now
+                assert isinstance(exc, BusUnavailable)
+                self._after_disconnect(exc, now - failing_since)
+
+            def recovered() -> None:
+                nonlocal failing_since
                 if failing_since is not None:
                     log.info("swarm %s: Redis reachable again after %.3f s", self.keys.swarm,
                              anyio.current_time() - failing_since,
                              extra={"event": "bus_reachable", "swarm": self.keys.swarm})
-                failing_since, attempt = None, 0
+                failing_since = None
+
+            await keep_running(self._cycle, on_unavailable=unavailable, on_recovered=recovered)
 
     async def _cycle(self) -> None:
         if self._dirty or self._unprobed:

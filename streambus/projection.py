@@ -20,7 +20,7 @@ from typing import Final, Protocol
 import anyio
 import anyio.abc
 
-from streambus.dispatch import backoff_delay
+from streambus.backoff import Backoff
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
 from streambus.keys import SwarmKeys
 from streambus.schema import AnyEvent, decode_fields
@@ -81,7 +81,7 @@ class Projector:
         every ``claim_idle``. On the way out the consumer removes itself if it holds nothing.
         """
         reader = self.store.blocking_reader(block_ms=self.block_ms)
-        ready, prepared_at, attempt = False, None, 0
+        ready, prepared_at, backoff = False, None, Backoff()
         try:
             while True:
                 try:
@@ -93,12 +93,11 @@ class Projector:
                     if not ready and not applied:
                         task_status.started()  # caught up
                         ready = True
-                    attempt = 0
+                    backoff.reset()
                 except (BusUnavailable, GroupMissing) as exc:
                     log.warning("projector %s: %s", self.consumer, exc)
                     prepared_at = None
-                    await anyio.sleep(backoff_delay(attempt))
-                    attempt += 1
+                    await backoff.sleep()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await reader.aclose()

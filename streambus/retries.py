@@ -28,8 +28,8 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from streambus.dispatch import backoff_delay
-from streambus.errors import Backpressure, BusUnavailable, MalformedEvent
+from streambus.backoff import Backoff, keep_running
+from streambus.errors import Backpressure, MalformedEvent
 from streambus.keys import SwarmKeys, validate_id
 from streambus.schema import RetryRequest, decode_fields, encode
 from streambus.store import Entry, Store
@@ -63,7 +63,7 @@ async def request_retry(
     request_id = validate_id(request.request_id, "request id")
     raw = encode(request)
     deadline = anyio.current_time() + wait
-    attempt = 0
+    backoff = Backoff()
     while True:
         status, value = await store.request_retry(keys, request.coordinator, request_id, raw,
                                                   backlog_limit)
@@ -72,8 +72,7 @@ async def request_retry(
         left = deadline - anyio.current_time()
         if left <= 0:
             raise Backpressure(request.coordinator, int(value), backlog_limit)
-        await anyio.sleep(min(left, backoff_delay(attempt)))
-        attempt += 1
+        await backoff.sleep(limit=left)
 
 
 def new_request_id() -> str:
@@ -113,15 +112,8 @@ class RetryConsumer:
         try:
             await self._start()
             task_status.started()
-            attempt = 0
-            while True:
-                try:
-                    await self._round(reader)
-                    attempt = 0
-                except BusUnavailable as exc:
-                    log.warning("retry consumer %s: %s", self.consumer, exc)
-                    await anyio.sleep(backoff_delay(attempt))
-                    attempt += 1
+            await keep_running(lambda: self._round(reader), on_unavailable=lambda exc: log.warning(
+                "retry consumer %s: %s", self.consumer, exc))
         finally:
             with anyio.CancelScope(shield=True):
                 await reader.aclose()
@@ -157,7 +149,9 @@ class RetryConsumer:
                 done.append(entry[0])
         await self.store.retries_done(self.keys, self.coordinator, done)
         if len(done) < len(entries):
-            await anyio.sleep(backoff_delay(max(counts.values(), default=1)))
+            failing = Backoff()
+            failing.attempt = max(counts.values(), default=1)
+            await failing.sleep()
 
     async def _handle(self, entry: Entry, failures: int) -> bool:
         """Run the handler on one entry; True when it may be acknowledged."""
