@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -51,8 +50,7 @@ from prometheus_client.utils import floatToGoString
 from streambus.backoff import keep_running
 from streambus.bus import Bus
 from streambus.errors import BusUnavailable, InvalidId, StreambusError
-from streambus.keys import SwarmKeys, swarm_index_pattern, swarm_of_index, validate_id
-from streambus.projection import Projector
+from streambus.keys import SwarmKeys, validate_id
 from streambus.schema import (
     Ack,
     AnyEvent,
@@ -246,15 +244,13 @@ class Exporter(Collector):
                     log.warning("metrics: cannot look for new swarms: %s", exc)
 
     async def _discover(self) -> list[str]:
-        found = await self.bus.store.scan(swarm_index_pattern(self.bus.namespace))
-        return sorted({s for key in found if (s := swarm_of_index(self.bus.namespace, key))})
+        return await self.bus.swarm_ids()
 
     async def _project(self, swarm: str, *,
                        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                        ) -> None:
         projection = SwarmEvents(swarm)
-        projector = Projector(self.bus.store, self.bus.keys(swarm), projection,
-                              block_ms=self.block_ms)
+        projector = self.bus.projector(swarm, projection, block_ms=self.block_ms)
         await projector.catch_up()
         self.projections[swarm] = projection
         task_status.started()
@@ -282,8 +278,8 @@ class Exporter(Collector):
         return f.all()
 
     async def _read_bus(self, f: _Families, keys: SwarmKeys, projection: SwarmEvents) -> None:
-        store, swarm = self.bus.store, keys.swarm
-        census = await store.coordinator_census(keys)
+        bus, swarm = self.bus, keys.swarm
+        census = await bus.census(swarm)
         by_state = dict.fromkeys([str(s) for s in BlockingState], 0)
         for (state, channel), count in census.items():
             by_state[state] = by_state.get(state, 0) + count
@@ -292,15 +288,13 @@ class Exporter(Collector):
         for state, count in sorted(by_state.items()):
             f.coordinators.add_metric([swarm, state], count)
         if swarm not in self._scanned:  # channels nobody waited on since: found once, by SCAN
-            head = f"{keys.prefix}:ch:"
-            for key in await store.scan(keys.channel_pattern, type_="stream"):
-                if key.startswith(head):
-                    projection.remember_channel(key[len(head):])
+            for channel in await bus.channels(swarm):
+                projection.remember_channel(channel)
             self._scanned.add(swarm)
         shared = [keys.events, keys.acks, keys.heartbeats, keys.dead_letters]
         channels = {keys.channel(c): c for c in sorted(projection.channels)}
-        info = await store.stream_info([*shared, *channels])
-        counters = await store.hgetall(keys.counters)
+        info = await bus.stream_info([*shared, *channels])
+        counters = await bus.counters(swarm)
         f.dead_letters.add_metric([swarm], int(counters.get("dead_letters", 0)))
         f.heartbeat_failures.add_metric([swarm], int(counters.get("heartbeat_failures", 0)))
         for stream, stats in info.items():
@@ -411,13 +405,4 @@ async def serve(bus: Bus, swarms: Sequence[str] = (), *, host: str = "127.0.0.1"
         raise failure
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from streambus.cli import main as cli_main
-
-    return cli_main(["metrics", *(sys.argv[1:] if argv is None else argv)])
-
-
 __all__ = ["DEFAULT_PORT", "Exporter", "SwarmEvents", "serve"]
-
-if __name__ == "__main__":
-    raise SystemExit(main())

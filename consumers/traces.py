@@ -23,7 +23,7 @@ Replays change nothing: emitted (signal, coordinator) pairs are remembered (the 
 second span. Run one trace projector per swarm: two instances share the Acks between them and
 would each emit a signal span for a signal whose Acks they split.
 
-Run it as ``streambus traces SWARM [--settle 10s]`` or ``python -m consumers.traces SWARM``;
+Run it as ``streambus traces SWARM [--settle 10s]``;
 the exporter is OTLP over HTTP/protobuf, configured by the standard ``OTEL_*`` variables
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, headers, timeout,
 compression, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*``).
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -53,10 +52,9 @@ from streambus import __version__
 from streambus.bus import Bus
 from streambus.errors import BusUnavailable, InvalidId, InvalidInput, MalformedEvent
 from streambus.keys import SwarmKeys, validate_id
-from streambus.projection import Projector
 from streambus.schema import Ack, AnyEvent, Signal, decode_fields, stream_id_ms
-from streambus.store import Store
 from streambus.tracing import context_from
+from streambus.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +85,11 @@ class SignalTraces:
 
     name = "traces"
 
-    def __init__(self, store: Store, tracer_provider: trace.TracerProvider, *,
+    def __init__(self, bus: Views, tracer_provider: trace.TracerProvider, *,
                  settle: float = DEFAULT_SETTLE_S, memory: int = DEFAULT_MEMORY) -> None:
         if memory < 1 or settle < 0:
             raise InvalidInput("memory must be at least 1 and settle not negative")
-        self.store = store
+        self.bus = bus
         self.tracer = tracer_provider.get_tracer(TRACER_NAME, __version__)
         self.settle_ms = round(settle * 1000)
         self.memory = memory
@@ -142,7 +140,7 @@ class SignalTraces:
 
     async def _signal(self, keys: SwarmKeys, ack: Ack) -> Signal | None:
         """The signal an Ack refers to (for its trace carrier), or ``None`` if it is gone."""
-        entry = await self.store.entry(keys.channel(ack.channel), ack.stream_id)
+        entry = await self.bus.entry(keys.channel(ack.channel), ack.stream_id)
         if entry is None:
             return None
         try:
@@ -262,25 +260,25 @@ async def run_traces(
 
 async def _project(bus: Bus, swarm: str, settle: float, provider: trace.TracerProvider,
                    task_status: anyio.abc.TaskStatus[None]) -> None:
-    projection = SignalTraces(bus.store, provider, settle=settle)
-    projector = Projector(bus.store, bus.keys(swarm), projection)
+    projection = SignalTraces(bus, provider, settle=settle)
+    projector = bus.projector(swarm, projection)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(projector.run)
-            tg.start_soon(_flush_settled, bus.store, projection)
+            tg.start_soon(_flush_settled, bus, projection)
             log.info("trace projector of swarm %s ready", swarm, extra={"swarm": swarm})
             task_status.started()
     finally:
         projection.close()
 
 
-async def _flush_settled(store: Store, projection: SignalTraces) -> None:
+async def _flush_settled(bus: Views, projection: SignalTraces) -> None:
     """End settled signal spans, judged by server time (a stalled swarm still gets them)."""
     interval = min(1.0, max(0.05, projection.settle_ms / 2000))
     while True:
         await anyio.sleep(interval)
         try:
-            projection.flush(await store.time_ms())
+            projection.flush(await bus.server_time_ms())
         except BusUnavailable as exc:
             log.warning("trace projector: %s", exc)
 
@@ -305,13 +303,3 @@ async def _shut_down(provider: TracerProvider) -> None:
     if not finished:
         log.warning("trace projector: spans not exported within %.0f s of stopping were dropped",
                     _SHUTDOWN_LIMIT_S)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from streambus.cli import main as cli_main
-
-    return cli_main(["traces", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,15 +4,12 @@ Every ``interval`` it appends a ``CoordinatorDead`` event to the swarm's lifecyc
 each coordinator whose last beat (server time) is older than ``dead_after``, once per lapse.
 Several watchdogs may run at once: the report is one atomic script, so none is doubled.
 
-Run it as ``streambus watchdog SWARM [--dead-after 2m] [--interval 5s]`` or
-``python -m consumers.watchdog SWARM``.
+Run it as ``streambus watchdog SWARM [--dead-after 2m] [--interval 5s]``.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Sequence
 
 import anyio
 import anyio.abc
@@ -58,19 +55,9 @@ class Watchdog:
 
     async def check(self) -> list[str]:
         """One pass: report the coordinators that lapsed since the last pass."""
-        dead = await self.bus.store.report_dead(self.keys, self.dead_after_ms)
+        dead = await self.bus.report_dead(self.keys.swarm, self.dead_after_ms / 1000)
         for coordinator in dead:
             log.error("swarm %s: coordinator %s is dead (no heartbeat for %.1f s)",
                       self.keys.swarm, coordinator, self.dead_after_ms / 1000)
         self.reported.extend(dead)
         return dead
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from streambus.cli import main as cli_main
-
-    return cli_main(["watchdog", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,9 +5,10 @@ through its own consumer group, so a signal sent before it started waiting is st
 receipt is provable, and the swarm's state can be rebuilt from the log.
 """
 
-from streambus.bus import Bus, Delivery, Published, connect
+from streambus._version import __version__
+from streambus.bus import Bus, Published, connect
 from streambus.config import Settings, parse_duration
-from streambus.coordinator import Coordinator
+from streambus.coordinator import Coordinator, Delivery
 from streambus.errors import (
     AckTimeout,
     Backpressure,
@@ -17,12 +18,16 @@ from streambus.errors import (
     InvalidId,
     InvalidInput,
     MalformedEvent,
+    NotPermitted,
     PayloadTooLarge,
     PeerDead,
     StreambusError,
+    UnknownEvent,
     WaitTimeout,
 )
+from streambus.hooks import Hooks
 from streambus.liveness import Liveness
+from streambus.retries import RetryHandler, RetrySent
 from streambus.schema import (
     Ack,
     BlockingEnded,
@@ -34,10 +39,9 @@ from streambus.schema import (
     RetryRequest,
     Signal,
     SignalReceived,
-    Verdict,
 )
-
-__version__ = "0.1.0"
+from streambus.store import Durability, Limits, Script
+from streambus.views import CoordinatorStatus, SwarmSummary
 
 __all__ = [
     "Ack",
@@ -49,25 +53,34 @@ __all__ = [
     "Bus",
     "BusUnavailable",
     "Coordinator",
+    "CoordinatorStatus",
     "Delivery",
+    "Durability",
     "DurabilityNotReached",
     "EmbeddedServerError",
     "Event",
     "Heartbeat",
+    "Hooks",
     "InvalidId",
     "InvalidInput",
+    "Limits",
     "Liveness",
     "MalformedEvent",
+    "NotPermitted",
     "Outcome",
     "PayloadTooLarge",
     "PeerDead",
     "Published",
+    "RetryHandler",
     "RetryRequest",
+    "RetrySent",
+    "Script",
     "Settings",
     "Signal",
     "SignalReceived",
     "StreambusError",
-    "Verdict",
+    "SwarmSummary",
+    "UnknownEvent",
     "WaitTimeout",
     "__version__",
     "connect",

@@ -10,20 +10,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
 import msgspec
 
-from streambus.backoff import Backoff, retry_within
+from streambus.backoff import Backoff
 from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S, Settings
-from streambus.dispatch import Dispatcher
+from streambus.coordinator import Coordinator, Delivery
 from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
-from streambus.keys import SwarmKeys, validate_id
+from streambus.hooks import Hooks
+from streambus.keys import validate_id
 from streambus.liveness import BeatBatcher, Liveness
+from streambus.projection import Projection, Projector
 from streambus.retries import (
     DEFAULT_BACKLOG_LIMIT,
     RetryHandler,
@@ -31,26 +33,21 @@ from streambus.retries import (
     new_request_id,
     request_retry,
 )
+from streambus.runtime import Dispatchers, Runtime
 from streambus.schema import (
-    BlockingState,
     Event,
     RetryRequest,
     Signal,
     encode,
-    stream_id_ms,
 )
-from streambus.store import Durability, Limits, Store
+from streambus.store import Durability, Limits, Script, Store
 from streambus.tracing import current_carrier, trace_id_of
-
-if TYPE_CHECKING:
-    from streambus.coordinator import Coordinator
-    from streambus.hooks import Hooks
+from streambus.views import Views
 
 log = logging.getLogger("streambus")
 
 T = TypeVar("T")
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
-_END_WAIT_LIMIT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,55 +68,43 @@ class Published:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A signal a coordinator received and acknowledged."""
-
-    signal: Signal
-    coordinator: str
-    stream_id: str
-    ack_id: str
-    iteration: int
-
-    @property
-    def latency_ms(self) -> int:
-        """Publish to ACK, both read off the server clock (stream ids), so skew-free."""
-        return stream_id_ms(self.ack_id) - stream_id_ms(self.stream_id)
-
-    def as_dict(self) -> dict[str, Any]:
-        s = self.signal
-        return {
-            "signal_id": s.signal_id, "swarm": s.swarm, "channel": s.channel, "sender": s.sender,
-            "payload": s.payload, "stream_id": self.stream_id, "coordinator": self.coordinator,
-            "iteration": self.iteration, "ack_id": self.ack_id, "latency_ms": self.latency_ms,
-        }
-
-
-class Bus:
+class Bus(Views):
     """A connection to the bus. Create with :func:`connect`; use as an async context manager."""
 
     def __init__(self, store: Store, namespace: str, *, publish_retry_budget_s: float = 10.0,
-                 block_ms: int = 2000) -> None:
-        self.store = store
+                 block_ms: int = 2000, dispatcher_idle_s: float = 30.0) -> None:
+        self._store = store
         self.namespace = validate_id(namespace, "namespace")
         self.publish_retry_budget_s = publish_retry_budget_s
         self.block_ms = block_ms
-        self._dispatchers: dict[str, Dispatcher] = {}
-        self.beats = BeatBatcher(store)
-        """Every coordinator of this process beats through it: one call per batch."""
+        self._runtime = Runtime(
+            store, self.namespace,
+            Dispatchers(store, block_ms=block_ms, idle_s=dispatcher_idle_s),
+            BeatBatcher(store), publish_retry_budget_s)
         self._tg: anyio.abc.TaskGroup | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
-        self._dispatcher_lock = anyio.Lock()
 
     def __repr__(self) -> str:
-        return (f"<Bus {self.store.url_redacted!r} namespace={self.namespace!r} "
-                f"dispatchers={sorted(self._dispatchers)}>")
+        return (f"<Bus {self._store.url_redacted!r} namespace={self.namespace!r} "
+                f"{self._runtime.dispatchers!r}>")
+
+    @property
+    def url(self) -> str:
+        """The server's URL, credentials included (to hand to child processes through
+        ``STREAMBUS_REDIS_URL``): never print or log it; use :attr:`url_redacted`."""
+        return self._store.url
+
+    @property
+    def url_redacted(self) -> str:
+        """The server's URL with any password replaced, fit for logs and output."""
+        return self._store.url_redacted
 
     async def __aenter__(self) -> Bus:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._tg.start(self._runtime.dispatchers.run)
         except BaseException:
             await stack.aclose()
             raise
@@ -135,17 +120,12 @@ class Bus:
         if stack is None:
             return
         if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+            self._tg.cancel_scope.cancel()  # each dispatcher closes its reader on the way out
         try:
             await stack.aclose()
         finally:
             with anyio.CancelScope(shield=True):
-                for dispatcher in self._dispatchers.values():
-                    await dispatcher.aclose()
-                await self.store.aclose()
-
-    def keys(self, swarm: str) -> SwarmKeys:
-        return SwarmKeys.for_swarm(self.namespace, swarm)
+                await self._store.aclose()
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -188,8 +168,8 @@ class Bus:
         event = Signal(signal_id=signal_id, swarm=swarm, channel=channel, sender=sender,
                        payload=payload, trace=current_carrier() if trace is None else trace)
         raw = _encode_checked(event)
-        stream_id, duplicate = await self.retrying(
-            lambda: self.store.publish(keys, channel, signal_id, raw, durability=durability)
+        stream_id, duplicate = await self._runtime.retrying(
+            lambda: self._store.publish(keys, channel, signal_id, raw, durability=durability)
         )
         log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel, stream_id,
                  " (duplicate)" if duplicate else "", extra={
@@ -230,8 +210,14 @@ class Bus:
             request_id=validate_id(request_id or new_request_id(), "request id"),
             requested_by=requested_by, reason=reason, blockers=list(blockers), payload=payload,
             iteration=iteration)
+        return await self.send_retry(swarm, request, backlog_limit=backlog_limit, wait=wait)
+
+    async def send_retry(self, swarm: str, request: RetryRequest, *,
+                         backlog_limit: int = DEFAULT_BACKLOG_LIMIT, wait: float = 0.0
+                         ) -> RetrySent:
+        """Append a prepared :class:`RetryRequest` (see :meth:`request_retry`)."""
         _encode_checked(request)
-        return await request_retry(self.store, self.keys(swarm), request,
+        return await request_retry(self._store, self.keys(swarm), request,
                                    backlog_limit=backlog_limit, wait=wait)
 
     async def wait_for_acks(
@@ -243,7 +229,7 @@ class Bus:
         """
         keys = self.keys(swarm)
         wanted = list(dict.fromkeys(validate_id(c, "coordinator id") for c in coordinators))
-        reader = self.store.blocking_reader(block_ms=min(self.block_ms, 1000))
+        reader = self._store.blocking_reader(block_ms=min(self.block_ms, 1000))
         acked: dict[str, str] = {}
         try:
             with anyio.move_on_after(timeout):
@@ -251,7 +237,7 @@ class Bus:
                 while True:
                     try:
                         missing = [c for c in wanted if c not in acked]
-                        last_id, new = await self.store.acks_snapshot(keys, signal_id, missing)
+                        last_id, new = await self._store.acks_snapshot(keys, signal_id, missing)
                         acked.update(new)
                         if len(new) == len(missing):
                             return tuple(wanted)
@@ -266,21 +252,13 @@ class Bus:
         have = [c for c in wanted if c in acked]
         raise AckTimeout(signal_id, have, [c for c in wanted if c not in acked])
 
-    async def retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run an idempotent operation, retrying connection errors with capped, jittered
-        backoff for ``publish_retry_budget_s`` (each attempt is bounded by the socket timeout).
-        """
-        return await retry_within(operation, self.publish_retry_budget_s)
-
     # -- waiting -------------------------------------------------------------------------------
 
     def coordinator(self, swarm: str, coordinator_id: str, *,
                     liveness: Liveness | None = None, hooks: Hooks | None = None
                     ) -> Coordinator:
         """A handle for one coordinator of ``swarm`` (see :class:`Coordinator`)."""
-        from streambus.coordinator import Coordinator
-
-        return Coordinator(self, swarm, coordinator_id, liveness=liveness, hooks=hooks)
+        return Coordinator(self._runtime, swarm, coordinator_id, liveness=liveness, hooks=hooks)
 
     async def wait_for(
         self,
@@ -299,52 +277,30 @@ class Bus:
             channel, timeout=timeout, iteration=iteration, watch=watch,
             reconnect_budget=reconnect_budget, on_retry=on_retry)
 
-    async def dispatcher(self, keys: SwarmKeys) -> Dispatcher:
-        """The dispatcher serving ``keys.swarm`` in this process, started on first use."""
-        if self._tg is None:
-            raise RuntimeError("use the Bus as an async context manager (async with connect())")
-        async with self._dispatcher_lock:
-            dispatcher = self._dispatchers.get(keys.swarm)
-            if dispatcher is None:
-                dispatcher = Dispatcher(self.store, keys, block_ms=self.block_ms)
-                await self._tg.start(dispatcher.run)
-                self._dispatchers[keys.swarm] = dispatcher
-        return dispatcher
+    # -- for projectors, watchdogs and applications on the bus --------------------------------
 
-    async def status(self, swarm: str) -> list[dict[str, Any]]:
-        """The blocking view of ``swarm``: every coordinator, its state, since when, on what,
-        its deadline, how long since its last heartbeat, its retry backlog and whom it watches.
+    def projector(self, swarm: str, projection: Projection, *, block_ms: int = 1000,
+                  claim_idle: float = 30.0) -> Projector:
+        """A :class:`~streambus.projection.Projector` applying ``projection`` to ``swarm``."""
+        return Projector(self._store, self.keys(swarm), projection, block_ms=block_ms,
+                         claim_idle=claim_idle)
 
-        Times are server time: ``*_ms`` fields in ms, ``since``/``deadline`` in epoch seconds.
-        Coordinators that only heartbeat (never waited) appear with state ``idle``.
-        """
-        snap = await self.store.swarm_snapshot(self.keys(swarm))
-        rows = {}
-        for raw in snap.states:
-            row: dict[str, Any] = dict(raw)
-            for name in ("started_ms", "deadline_ms", "updated_ms", "ended_ms", "iteration"):
-                if name in row:
-                    row[name] = int(row[name])
-            rows[row.get("coordinator", "")] = row
-        for coordinator in snap.beats.keys() - rows.keys():
-            rows[coordinator] = {"coordinator": coordinator, "state": "idle"}
-        return [_view_row(rows[c], snap.now_ms, snap.beats.get(c), snap.backlog.get(c, 0))
-                for c in sorted(rows)]
+    async def report_dead(self, swarm: str, dead_after: float) -> list[str]:
+        """Append a ``CoordinatorDead`` event for each coordinator of ``swarm`` whose
+        heartbeats lapsed past ``dead_after`` (server time) since its last report; return
+        them. Atomic: several watchdogs never report one lapse twice."""
+        return await self._store.report_dead(self.keys(swarm), round(dead_after * 1000))
 
-
-def _view_row(row: dict[str, Any], now_ms: int, beat_ms: int | None, backlog: int
-              ) -> dict[str, Any]:
-    waiting = row.get("state") == BlockingState.WAITING
-    since_ms = row.get("started_ms") if waiting else row.get("ended_ms", row.get("updated_ms"))
-    row["since"] = since_ms / 1000 if since_ms is not None else None
-    row["deadline"] = row["deadline_ms"] / 1000 if "deadline_ms" in row else None
-    if waiting and "deadline_ms" in row:
-        row["remaining_s"] = max(0.0, (row["deadline_ms"] - now_ms) / 1000)
-    row["last_heartbeat_age_s"] = (now_ms - beat_ms) / 1000 if beat_ms is not None else None
-    row["retries_pending"] = backlog
-    row["watches"] = [p for p in row.get("watches", "").split(",") if p]
-    row.setdefault("channel", None)
-    return row
+    async def run_script(self, swarm: str, script: Script, keys: Sequence[str],
+                         args: Sequence[str | bytes | int | float]) -> Any:
+        """Run an application's Lua ``script`` atomically on ``swarm``'s keys (the CFN Loop
+        keeps its state machine this way). Every key must belong to ``swarm``, so the script
+        runs in one Cluster slot; Redis errors arrive as :class:`StreambusError`s."""
+        prefix = self.keys(swarm).prefix + ":"
+        for key in keys:
+            if not key.startswith(prefix):
+                raise InvalidInput(f"key {key!r} is not a key of swarm {swarm!r}")
+        return await self._store.run_script(script, keys, args)
 
 
 def _encode_checked(event: Event) -> bytes:
@@ -387,9 +343,9 @@ async def connect(
     store = Store(url, limits=limits or Limits())
     try:
         await store.ping()
+        bus = Bus(store, settings.namespace, **options)
     except BaseException:
         await store.aclose()
         raise
-    bus = Bus(store, settings.namespace, **options)
     async with bus:
         yield bus

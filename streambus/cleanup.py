@@ -26,7 +26,6 @@ from typing import Any, Final
 import anyio
 
 from streambus.bus import Bus
-from streambus.keys import swarm_index_pattern, swarm_of_index
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +76,17 @@ async def cleanup(bus: Bus, *, swarm: str | None = None,
 
 async def swarms(bus: Bus) -> list[str]:
     """Every swarm of the namespace that has a coordinator index."""
-    keys = await bus.store.scan(swarm_index_pattern(bus.namespace))
-    return sorted({s for k in keys if (s := swarm_of_index(bus.namespace, k)) is not None})
+    return await bus.swarm_ids()
 
 
 async def _clean_swarm(bus: Bus, swarm: str, stale_ms: int, dry_run: bool) -> SwarmCleanup:
     keys = bus.keys(swarm)
-    candidates = await bus.store.stale_candidates(keys, stale_ms)
+    candidates = await bus._store.stale_candidates(keys, stale_ms)
     result = SwarmCleanup(swarm)
     if not candidates:
         return result
-    channels = sorted(await bus.store.scan(keys.channel_pattern, type_="stream"))
-    removed, groups, retries = await bus.store.remove_stale(
+    channels = sorted(await bus._store.scan(keys.channel_pattern, type_="stream"))
+    removed, groups, retries = await bus._store.remove_stale(
         keys, channels, candidates, stale_ms, dry_run=dry_run)
     result.removed, result.groups_destroyed, result.retry_streams_removed = (
         removed, groups, retries)

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import anyio
 import msgspec
@@ -25,37 +23,24 @@ from streambus.bus import Bus, connect
 from streambus.config import ENV_NAMESPACE, ENV_URL, Settings, parse_duration
 from streambus.errors import (
     AckTimeout,
-    Backpressure,
-    BusUnavailable,
     InvalidInput,
-    PeerDead,
     StreambusError,
-    WaitTimeout,
 )
 from streambus.keys import SwarmKeys, validate_id
 from streambus.liveness import Liveness
 from streambus.logs import ENV_LOG_FORMAT, LOG_FORMATS, configure_logging, resolve_log_format
+from streambus.process import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    exit_code_of,
+    run_interruptible,
+)
 
 T = TypeVar("T")
 
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_TIMEOUT: Final = 2
-EXIT_PEER_DEAD: Final = 3
-EXIT_UNAVAILABLE: Final = 4
-EXIT_BACKPRESSURE: Final = 5
-EXIT_USAGE: Final = 64
-
-
-_EXIT_CODES: Final[tuple[tuple[type[StreambusError], int], ...]] = (
-    (InvalidInput, EXIT_USAGE),
-    (WaitTimeout, EXIT_TIMEOUT),
-    (PeerDead, EXIT_PEER_DEAD),
-    (Backpressure, EXIT_BACKPRESSURE),
-    (BusUnavailable, EXIT_UNAVAILABLE),
-    (StreambusError, EXIT_ERROR),
-)
-"""The exit code of each error, most specific first."""
 
 
 class _UsageError(Exception):
@@ -228,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _server(args)
         return anyio.run(_run_with_signals, _COMMANDS[args.command], args)
     except StreambusError as exc:
-        code = next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
+        code = exit_code_of(exc)
         prefix = "bus unavailable: " if code == EXIT_UNAVAILABLE else ""
         print(f"streambus: {prefix}{exc}", file=sys.stderr)
         return code
@@ -272,42 +257,6 @@ class _Signalled(Exception):
 
 
 Command = Callable[[Bus, argparse.Namespace], Awaitable[int]]
-
-
-@dataclass
-class Interruptible(Generic[T]):
-    """What :func:`run_interruptible` saw: the result, or the signal that cut the work short."""
-
-    result: T | None = None
-    signum: int | None = None
-
-
-async def run_interruptible(work: Callable[[], Awaitable[T]]) -> Interruptible[T]:
-    """Run ``work``; SIGINT/SIGTERM cancel it, so a wait in it records ``cancelled``.
-
-    A :class:`StreambusError` from ``work`` is raised as itself (outside the task group that
-    watches the signals, so never wrapped in an ExceptionGroup).
-    """
-    outcome: Interruptible[T] = Interruptible()
-    failure: StreambusError | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    outcome.signum = signum
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch_signals)
-        try:
-            outcome.result = await work()
-        except StreambusError as exc:
-            failure = exc
-        tg.cancel_scope.cancel()
-    if failure is not None and outcome.signum is None:
-        raise failure
-    return outcome
 
 
 async def _run_with_signals(command: Command, args: argparse.Namespace) -> int:
@@ -420,16 +369,16 @@ async def _retry(bus: Bus, args: argparse.Namespace) -> int:
 async def _status(bus: Bus, args: argparse.Namespace) -> int:
     rows = await bus.status(args.swarm)
     if args.json:
-        _print({"swarm": args.swarm, "coordinators": rows})
+        _print({"swarm": args.swarm, "coordinators": [row.as_dict() for row in rows]})
         return EXIT_OK
     if not rows:
         print(f"swarm {args.swarm}: no coordinators")
         return EXIT_OK
     print(f"{'COORDINATOR':24} {'STATE':12} {'CHANNEL':24} {'ITER':>4} {'REMAINING':>10}")
     for row in rows:
-        remaining = f"{row['remaining_s']:.1f}s" if "remaining_s" in row else "-"
-        print(f"{row.get('coordinator', '?'):24} {row.get('state', '?'):12} "
-              f"{row.get('channel', '-'):24} {row.get('iteration', 0):>4} {remaining:>10}")
+        remaining = f"{row.remaining_s:.1f}s" if row.remaining_s is not None else "-"
+        print(f"{row.coordinator:24} {row.state:12} {row.channel or '-':24} "
+              f"{row.iteration or 0:>4} {remaining:>10}")
     return EXIT_OK
 
 

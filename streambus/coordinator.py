@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 
 from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S
-from streambus.dispatch import Dispatcher, Waiter
+from streambus.dispatch import Dispatcher, Received, Waiter
 from streambus.errors import (
     BusUnavailable,
     InvalidInput,
@@ -26,8 +27,11 @@ from streambus.errors import (
     StreambusError,
     WaitTimeout,
 )
+from streambus.hooks import Hooks
 from streambus.keys import validate_id
 from streambus.liveness import Heartbeater, Liveness, PeerWatch
+from streambus.retries import RetryConsumer, RetryHandler
+from streambus.runtime import Runtime
 from streambus.schema import (
     BlockingEnded,
     BlockingStarted,
@@ -37,18 +41,38 @@ from streambus.schema import (
     SignalReceived,
     decode_fields,
     encode,
+    stream_id_ms,
 )
 from streambus.store import WaitStart
 from streambus.tracing import trace_id_of
 
-if TYPE_CHECKING:
-    from streambus.bus import Bus, Delivery
-    from streambus.hooks import Hooks
-    from streambus.retries import RetryHandler
-
 log = logging.getLogger("streambus")
 
 _END_WAIT_LIMIT_S: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A signal a coordinator received and acknowledged."""
+
+    signal: Signal
+    coordinator: str
+    stream_id: str
+    ack_id: str
+    iteration: int
+
+    @property
+    def latency_ms(self) -> int:
+        """Publish to ACK, both read off the server clock (stream ids), so skew-free."""
+        return stream_id_ms(self.ack_id) - stream_id_ms(self.stream_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.signal
+        return {
+            "signal_id": s.signal_id, "swarm": s.swarm, "channel": s.channel, "sender": s.sender,
+            "payload": s.payload, "stream_id": self.stream_id, "coordinator": self.coordinator,
+            "iteration": self.iteration, "ack_id": self.ack_id, "latency_ms": self.latency_ms,
+        }
 
 
 class Coordinator:
@@ -58,16 +82,19 @@ class Coordinator:
     judged by that policy's ``dead_after``.
     """
 
-    def __init__(self, bus: Bus, swarm: str, coordinator_id: str, *,
+    def __init__(self, runtime: Runtime, swarm: str, coordinator_id: str, *,
                  liveness: Liveness | None = None, hooks: Hooks | None = None) -> None:
-        self.bus = bus
-        self.keys = bus.keys(swarm)
+        self._runtime = runtime
+        self._store = runtime.store
+        self.keys = runtime.keys(swarm)
         self.swarm = swarm
         self.id = validate_id(coordinator_id, "coordinator id")
         self.liveness = liveness
         self.hooks = hooks
         """Lifecycle hooks (``streambus.hooks``): time-limited, never able to break a wait."""
         self._waiter: Waiter | None = None
+        self._ended: set[Waiter] = set()
+        """Waits whose end this coordinator recorded (or tried to)."""
 
     def __repr__(self) -> str:
         waiting = (f" waiting on {self._waiter.channel!r} iteration={self._waiter.iteration}"
@@ -84,8 +111,8 @@ class Coordinator:
     async def heartbeating(self, interval: float | None = None) -> AsyncIterator[Heartbeater]:
         """Beat every ``interval`` (default: the liveness policy's) while the block runs."""
         seconds = interval or (self.liveness or Liveness()).heartbeat_interval
-        beater = Heartbeater(self.bus.store, self.keys, self.id, seconds,
-                             batcher=self.bus.beats)
+        beater = Heartbeater(self._store, self.keys, self.id, seconds,
+                             batcher=self._runtime.beats)
         async with anyio.create_task_group() as tg:
             await tg.start(beater.run)
             try:
@@ -118,7 +145,7 @@ class Coordinator:
         peers = [validate_id(peer, "peer id") for peer in watch]
         if timeout < 0 or reconnect_budget < 0:
             raise InvalidInput("timeout and reconnect budget must not be negative")
-        start = await self.bus.retrying(lambda: self.bus.store.begin_wait(
+        start = await self._runtime.retrying(lambda: self._store.begin_wait(
             self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers
         ))
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
@@ -132,30 +159,29 @@ class Coordinator:
                         reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
         self._waiter = waiter
         try:
-            dispatcher = await self.bus.dispatcher(self.keys)
-            return await self._supervised(dispatcher, waiter, start, peers, on_retry)
+            async with self._runtime.dispatchers.lease(self.keys) as dispatcher:
+                return await self._supervised(dispatcher, waiter, start, peers, on_retry)
         except BaseException:
             # Cancelled (or failed) before the wait blocked, e.g. while its heartbeat or retry
             # consumer started: the wait is open on the bus, so close it as cancelled.
-            if not waiter.ended and not waiter.ack_id:
+            if waiter not in self._ended and not isinstance(waiter.outcome, Received):
                 with anyio.CancelScope(shield=True):
                     await self._end(waiter, Outcome.CANCELLED, "cancelled before it blocked")
             raise
         finally:
             self._waiter = None
+            self._ended.discard(waiter)
 
     async def _recorded(self, channel: str, start: WaitStart) -> Delivery:
         """The signal this iteration already received (waiting again is idempotent)."""
-        from streambus.bus import Delivery
-
-        entry = await self.bus.store.entry(self.keys.channel(channel), start.received_stream_id)
+        entry = await self._store.entry(self.keys.channel(channel), start.received_stream_id)
         if entry is None:
             raise StreambusError(f"iteration {start.iteration} of {self.id!r} received signal "
                                  f"{start.received_stream_id}, which has since been trimmed")
         signal = decode_fields(entry[1])
         if not isinstance(signal, Signal):
             raise MalformedEvent(f"entry {entry[0]} is a {type(signal).__name__}, not a signal")
-        ack_id = await self.bus.store.ack_id(self.keys, signal.signal_id, self.id)
+        ack_id = await self._store.ack_id(self.keys, signal.signal_id, self.id)
         log.info("coordinator %s: iteration %d already received %s", self.id, start.iteration,
                  signal.signal_id, extra=self._facts(
                      channel, start.iteration, "signal_received", outcome=Outcome.SIGNALED,
@@ -178,17 +204,16 @@ class Coordinator:
                     started_ms=start.started_ms, deadline_ms=start.deadline_ms,
                     resumed=start.resumed))
             if self.liveness is not None:
-                beater = Heartbeater(self.bus.store, self.keys, self.id,
-                                     self.liveness.heartbeat_interval, batcher=self.bus.beats)
+                beater = Heartbeater(self._store, self.keys, self.id,
+                                     self.liveness.heartbeat_interval,
+                                     batcher=self._runtime.beats)
                 await tg.start(beater.run)
             if peers:
-                watch = PeerWatch(self.bus.store, self.keys, peers, self.liveness or Liveness(),
+                watch = PeerWatch(self._store, self.keys, peers, self.liveness or Liveness(),
                                   start.now_ms)
                 tg.start_soon(self._escalate_when_dead, dispatcher, waiter, watch)
             if on_retry is not None:
-                from streambus.retries import RetryConsumer
-
-                consumer = RetryConsumer(self.bus.store, self.keys, self.id, on_retry)
+                consumer = RetryConsumer(self._store, self.keys, self.id, on_retry)
                 await tg.start(consumer.run)
             try:
                 delivery = await self._block(dispatcher, waiter, start)
@@ -208,8 +233,6 @@ class Coordinator:
         dispatcher.fail(waiter, dead)
 
     async def _block(self, dispatcher: Dispatcher, waiter: Waiter, start: WaitStart) -> Delivery:
-        from streambus.bus import Delivery
-
         dispatcher.add(waiter)
         try:
             # The deadline is server time; the local monotonic clock only measures the
@@ -218,39 +241,36 @@ class Coordinator:
                 await waiter.settled.wait()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await dispatcher.withdraw(waiter, abandon=True)
-                if waiter.signal is None or not waiter.ack_id:
+                outcome = await dispatcher.finish(waiter, cancelled=True)
+                if not isinstance(outcome, Received):
                     await self._end(waiter, Outcome.CANCELLED, "wait cancelled")
             raise
-        if not waiter.settled.is_set():
-            await dispatcher.withdraw(waiter, abandon=False)
-        if waiter.unconfirmed is not None and not waiter.ack_id:
-            await self._confirm(waiter)
-        if waiter.error is not None:
-            await self._end(waiter, _outcome_of(waiter.error), str(waiter.error))
-            if isinstance(waiter.error, PeerDead):
+        outcome = await dispatcher.finish(waiter, cancelled=False)
+        if isinstance(outcome, BaseException):
+            await self._end(waiter, _outcome_of(outcome), str(outcome))
+            if isinstance(outcome, PeerDead):
                 await self._fire("on_peer_dead", {
                     "coordinator": self.id, "swarm": self.swarm, "channel": waiter.channel,
-                    "iteration": waiter.iteration, "peers": waiter.error.peers})
-            raise waiter.error
-        if waiter.signal is None or not waiter.ack_id:
+                    "iteration": waiter.iteration, "peers": outcome.peers})
+            raise outcome
+        if outcome is None:
             await self._end(waiter, Outcome.TIMEOUT, "deadline reached")
             await self._fire("on_blocking_timeout", BlockingEnded(
                 coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
                 outcome=Outcome.TIMEOUT, detail="deadline reached",
                 started_ms=start.started_ms))
             raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
-        delivery = Delivery(waiter.signal, self.id, waiter.stream_id, waiter.ack_id,
-                            waiter.iteration)
+        signal = outcome.signal
+        delivery = Delivery(signal, self.id, outcome.stream_id, outcome.ack_id, waiter.iteration)
         log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
-                 waiter.signal.signal_id, self.swarm, waiter.channel, waiter.stream_id,
+                 signal.signal_id, self.swarm, waiter.channel, outcome.stream_id,
                  extra=self._facts(waiter.channel, waiter.iteration, "signal_received",
-                                   outcome=Outcome.SIGNALED, signal_id=waiter.signal.signal_id,
+                                   outcome=Outcome.SIGNALED, signal_id=signal.signal_id,
                                    latency_ms=delivery.latency_ms,
-                                   trace_id=trace_id_of(waiter.signal.trace)))
+                                   trace_id=trace_id_of(signal.trace)))
         await self._fire("on_signal_received", SignalReceived(
             coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
-            signal_id=waiter.signal.signal_id, stream_id=waiter.stream_id,
+            signal_id=signal.signal_id, stream_id=outcome.stream_id,
             started_ms=start.started_ms))
         return delivery
 
@@ -259,28 +279,9 @@ class Coordinator:
         if self.hooks is not None and self.hooks.configured(name):
             await self.hooks.fire(name, event)
 
-    async def _confirm(self, waiter: Waiter) -> None:
-        """The deadline came while a receipt's reply was lost: it may have been applied, so
-        ask again (idempotent) rather than report a timeout for a signal recorded received."""
-        receipt = waiter.unconfirmed
-        assert receipt is not None
-        with anyio.move_on_after(_END_WAIT_LIMIT_S):
-            try:
-                [result] = await self.bus.store.receive_many([receipt])
-            except BusUnavailable:
-                result = BusUnavailable(
-                    f"signal {receipt.signal_id} was delivered to {self.id!r} but its receipt "
-                    "could not be confirmed; wait again with iteration="
-                    f"{waiter.iteration} once the bus is back to learn the outcome")
-            if isinstance(result, BaseException):
-                waiter.error = result
-            else:
-                waiter.unconfirmed = None
-                waiter.stream_id, waiter.ack_id = receipt.stream_id, result
-
     async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
         """Record the end of a wait; best effort when the bus is down."""
-        waiter.ended = True
+        self._ended.add(waiter)
         event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
                                      iteration=waiter.iteration, outcome=outcome, detail=detail,
                                      started_ms=waiter.started_ms))
@@ -290,7 +291,7 @@ class Coordinator:
                      detail=detail))
         with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):
             try:
-                await self.bus.store.end_wait(self.keys, self.id, waiter.channel,
+                await self._store.end_wait(self.keys, self.id, waiter.channel,
                                               waiter.iteration, BlockingState.after(outcome),
                                               event)
             except BusUnavailable as exc:

@@ -4,8 +4,8 @@ A naive waiter blocks in its own ``XREADGROUP`` on its own connection; a thousan
 process cost a thousand connections and a thousand wake-ups per signal. Here each process runs
 one dispatcher per swarm. It blocks in a single ``XREAD`` over every channel stream its waiters
 watch (no group, so it moves nothing) and, when a stream grows, runs every interested waiter's
-``XREADGROUP ... COUNT 1`` (non-blocking, through its own consumer group) in one pipeline, then
-acknowledges every delivery in a second pipeline. Two round trips per signal, whatever the
+``XREADGROUP ... COUNT 1`` (non-blocking, through its own consumer group) in one script call,
+then acknowledges every delivery in a second one. Two round trips per signal, whatever the
 number of waiters.
 
 Correctness rests on three rules:
@@ -16,30 +16,100 @@ Correctness rests on three rules:
   appended between the read and the ``XREAD`` is newer than the cursor and wakes the dispatcher.
 * A waiter that gives up (timeout or cancellation) before its delivery is acknowledged leaves the
   entry in its PEL, and the next wait of that coordinator reads it first.
+
+A waiter's life is one :class:`WaiterState`, written by the dispatcher alone; its coordinator
+only adds it, withdraws it and reads its :data:`Outcome`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 import anyio.abc
 
 from streambus.backoff import keep_running
-from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
+from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, UnknownEvent
 from streambus.keys import SwarmKeys
-from streambus.schema import (
-    Signal,
-    decode_fields,
-    stream_id_tuple,
-)
-from streambus.store import BlockingReader, Entry, GroupMissing, GroupRead, Receipt, Store
+from streambus.schema import Signal, decode_fields, stream_id_tuple
+from streambus.store import Entry, GroupMissing, GroupRead, Receipt
 
 log = logging.getLogger(__name__)
 
 _KICK_ATTEMPTS: Final = 200
+_SETTLE_LIMIT_S: Final = 10.0
+"""How long a withdrawal waits for a delivery already in flight to land."""
+_CONFIRM_LIMIT_S: Final = 5.0
+
+
+class Reader(Protocol):
+    """The blocking connection a dispatcher reads on (:class:`streambus.store.BlockingReader`)."""
+
+    client_id: int | None
+
+    async def connect(self) -> int: ...
+
+    async def read(self, cursors: Mapping[str, str]) -> dict[str, list[Entry]]: ...
+
+    async def read_group(self, stream: str, group: str, consumer: str, *, pending: bool,
+                         count: int) -> list[Entry]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class DispatchStore(Protocol):
+    """Exactly what a dispatcher asks of the store (:class:`streambus.store.Store`), so that a
+    scripted fake can play the races a real server cannot time (``tests/fakes.py``)."""
+
+    def blocking_reader(self, *, block_ms: int) -> Reader: ...
+
+    async def read_groups(self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
+                          ) -> tuple[list[str], list[list[Entry] | BaseException]]: ...
+
+    async def receive_many(self, receipts: Sequence[Receipt]) -> list[str | BaseException]: ...
+
+    async def ensure_group(self, stream: str, group: str) -> None: ...
+
+    async def dead_letter(self, keys: SwarmKeys, source: str, group: str, entry: Entry,
+                          reason: str, *, ack: bool = True) -> None: ...
+
+    async def skip_unknown(self, keys: SwarmKeys, source: str, group: str, entry_id: str, *,
+                           ack: bool = True) -> None: ...
+
+    async def unblock(self, client_id: int) -> bool: ...
+
+
+class WaiterState(enum.Enum):
+    """Where a waiter is in its life. Only the dispatcher moves it."""
+
+    QUEUED = "queued"
+    """Served: it reads when its stream grows (or when it was just added)."""
+    DELIVERING = "delivering"
+    """A read or a receipt for it is in flight."""
+    ABANDONED = "abandoned"
+    """Its coordinator was cancelled while a delivery was in flight: whatever that read
+    returns stays in the PEL for the coordinator's next wait."""
+    WITHDRAWN = "withdrawn"
+    """Its coordinator gave up with nothing in flight; nothing more is read for it."""
+    SETTLED = "settled"
+    """It has its outcome."""
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A signal delivered to a waiter and acknowledged (the receive script's reply came)."""
+
+    signal: Signal
+    stream_id: str
+    ack_id: str
+
+
+Outcome = Received | BaseException | None
+"""How a wait ended for the dispatcher: received, an error, or nothing (deadline/cancel)."""
 
 
 @dataclass(eq=False)
@@ -52,31 +122,22 @@ class Waiter:
     stream: str
     iteration: int
     reconnect_budget_s: float = 300.0
-    pending_first: bool = True
-    abandoned: bool = False
-    signal: Signal | None = None
+    started_ms: int = 0
+    """When the wait began (server ms), carried by the lifecycle events it ends with."""
+    state: WaiterState = WaiterState.QUEUED
+    outcome: Outcome = None
+    read_pending: bool = True
+    """The next read is of the waiter's own PEL (``ID 0``), not of new entries."""
     unconfirmed: Receipt | None = None
     """A receipt sent whose reply never came: it may have been applied. Sent again (the
     receive script is idempotent) before anything new is read for this waiter."""
-    stream_id: str = ""
-    ack_id: str = ""
-    error: BaseException | None = None
+    deferred: BaseException | None = None
+    """An error (a dead peer) to end the wait with once the delivery in flight lands."""
     settled: anyio.Event = field(default_factory=anyio.Event)
-    in_flight: bool = False
-    ended: bool = False
-    failing: BaseException | None = None
-    """An error (a dead peer) to end the wait with once the delivery in flight is over."""
-    """The end of this wait was recorded (or attempted) by its coordinator."""
-    started_ms: int = 0
-    """When the wait began (server ms), carried by the lifecycle events it ends with."""
 
     def __repr__(self) -> str:
-        state = "settled" if self.settled.is_set() else "waiting"
-        return (
-            f"<Waiter {self.coordinator!r} on {self.keys.swarm}/{self.channel} "
-            f"iteration={self.iteration} {state}>"
-        )
-
+        return (f"<Waiter {self.coordinator!r} on {self.keys.swarm}/{self.channel} "
+                f"iteration={self.iteration} {self.state.value}>")
 
     def receipt(self, signal: Signal, stream_id: str) -> Receipt:
         """What the ``receive`` script records when this waiter takes ``signal``."""
@@ -88,27 +149,38 @@ class Waiter:
 class Dispatcher:
     """Serves every waiter of one swarm in this process over one blocking connection."""
 
-    def __init__(self, store: Store, keys: SwarmKeys, *, block_ms: int = 2000) -> None:
-        self.store = store
+    def __init__(self, store: DispatchStore, keys: SwarmKeys, *, block_ms: int = 2000) -> None:
+        self._store = store
         self.keys = keys
-        self._reader: BlockingReader = store.blocking_reader(block_ms=block_ms)
+        self._reader: Reader = store.blocking_reader(block_ms=block_ms)
         self._by_stream: dict[str, set[Waiter]] = {}
         self._cursors: dict[str, str] = {}
         self._unprobed: set[str] = set()
         self._dirty: set[Waiter] = set()
+        self._signals: dict[Waiter, Signal] = {}
         self._work = anyio.Event()
         self._blocked = False
         self._kicking = False
         self._tg: anyio.abc.TaskGroup | None = None
         self.delivered = 0
         self.dead_lettered = 0
+        self.skipped = 0
 
     def __repr__(self) -> str:
-        waiting = sum(len(ws) for ws in self._by_stream.values())
         return (f"<Dispatcher swarm={self.keys.swarm!r} streams={len(self._by_stream)} "
-                f"waiters={waiting}>")
+                f"waiters={self.waiters}>")
 
-    # -- called by waiters ---------------------------------------------------------------------
+    @property
+    def waiters(self) -> int:
+        """Waiters served now."""
+        return sum(len(ws) for ws in self._by_stream.values())
+
+    @property
+    def quiescent(self) -> bool:
+        """Every waiter served and the dispatcher blocked in its read (benchmarks wait for it)."""
+        return not self._dirty and not self._unprobed and self._blocked
+
+    # -- called by coordinators ----------------------------------------------------------------
 
     def add(self, waiter: Waiter) -> None:
         """Start serving ``waiter``: its pending entries first, then new ones."""
@@ -116,63 +188,72 @@ class Dispatcher:
         if not watchers and waiter.stream not in self._cursors:
             self._unprobed.add(waiter.stream)
         watchers.add(waiter)
+        waiter.state = WaiterState.QUEUED
         self._dirty.add(waiter)
         self._wake()
 
-    async def withdraw(self, waiter: Waiter, *, abandon: bool) -> None:
-        """Stop serving ``waiter``. If its delivery is mid-flight, wait for it to settle.
+    async def finish(self, waiter: Waiter, *, cancelled: bool) -> Outcome:
+        """Stop serving ``waiter`` and return its outcome.
 
-        With ``abandon`` (cancellation) a delivery not yet acknowledged is left in the PEL for
-        the coordinator's next wait; without it (a deadline) a racing delivery still counts.
+        A delivery in flight is let land (bounded). After a deadline it still counts, and a
+        receipt whose reply was lost is confirmed (the receive script is idempotent), so a
+        signal recorded as received is never reported as a timeout. After a cancellation
+        whatever the in-flight read returns stays in the PEL for the coordinator's next wait.
         """
-        waiter.abandoned = abandon
+        if waiter.state is WaiterState.SETTLED:
+            return waiter.outcome
         self._forget(waiter)
-        if waiter.in_flight:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        if waiter.state is WaiterState.DELIVERING:
+            if cancelled:
+                waiter.state = WaiterState.ABANDONED
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_SETTLE_LIMIT_S):
                 await waiter.settled.wait()
+        if waiter.state is not WaiterState.SETTLED:
+            waiter.state = WaiterState.WITHDRAWN
+        if waiter.unconfirmed is not None and not cancelled:
+            await self._confirm(waiter)
+        return waiter.outcome
 
     def fail(self, waiter: Waiter, error: BaseException) -> None:
-        """End ``waiter`` with ``error``, unless a delivery settles it first: one mid-flight
-        is let finish (a signal that arrived wins), and the error lands after it if not."""
-        if waiter.settled.is_set():
+        """End ``waiter`` with ``error``, unless a delivery settles it first: one in flight
+        is let land (a signal that arrived wins), and the error applies after it if not."""
+        if waiter.state is WaiterState.SETTLED:
             return
-        if waiter.in_flight:
-            waiter.failing = error
+        if waiter.state in (WaiterState.DELIVERING, WaiterState.ABANDONED):
+            waiter.deferred = error
             return
-        self._settle(waiter, error=error)
-
-    def _landed(self, waiter: Waiter) -> None:
-        """A delivery attempt for ``waiter`` is over: apply an error that waited for it."""
-        waiter.in_flight = False
-        if waiter.failing is not None and not waiter.settled.is_set():
-            self._settle(waiter, error=waiter.failing)
+        self._settle(waiter, error)
 
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Serve waiters until cancelled. Connection loss is retried, never fatal."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            task_status.started()
-            failing_since: float | None = None
+        failing_since: float | None = None
 
-            def unavailable(exc: Exception) -> None:
-                nonlocal failing_since
-                now = anyio.current_time()
-                failing_since = failing_since if failing_since is not None else now
-                assert isinstance(exc, BusUnavailable)
-                self._after_disconnect(exc, now - failing_since)
+        def unavailable(exc: Exception) -> None:
+            nonlocal failing_since
+            now = anyio.current_time()
+            failing_since = failing_since if failing_since is not None else now
+            self._after_disconnect(exc, now - failing_since)
 
-            def recovered() -> None:
-                nonlocal failing_since
-                if failing_since is not None:
-                    log.info("swarm %s: Redis reachable again after %.3f s", self.keys.swarm,
-                             anyio.current_time() - failing_since,
-                             extra={"event": "bus_reachable", "swarm": self.keys.swarm})
-                failing_since = None
+        def recovered() -> None:
+            nonlocal failing_since
+            if failing_since is not None:
+                log.info("swarm %s: Redis reachable again after %.3f s", self.keys.swarm,
+                         anyio.current_time() - failing_since,
+                         extra={"event": "bus_reachable", "swarm": self.keys.swarm})
+            failing_since = None
 
-            await keep_running(self._cycle, on_unavailable=unavailable, on_recovered=recovered)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await keep_running(self._cycle, on_unavailable=unavailable,
+                                   on_recovered=recovered)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reader.aclose()
 
     async def _cycle(self) -> None:
         if self._dirty or self._unprobed:
@@ -221,14 +302,13 @@ class Dispatcher:
             entries = await self._reader.read_group(waiter.stream, waiter.coordinator,
                                                     waiter.coordinator, pending=False, count=1)
         except GroupMissing:
-            await self.store.ensure_group(waiter.stream, waiter.coordinator)
+            await self._store.ensure_group(waiter.stream, waiter.coordinator)
             return
         finally:
             self._blocked = False
-        if not entries or waiter.settled.is_set() or waiter not in self._by_stream.get(
-                waiter.stream, ()):
+        if not entries or waiter.state is not WaiterState.QUEUED:
             return
-        waiter.in_flight = True
+        waiter.state = WaiterState.DELIVERING
         try:
             receipt = await self._receipt_or_dead_letter(waiter, entries[0])
             if receipt is not None:
@@ -237,27 +317,27 @@ class Dispatcher:
             self._landed(waiter)
 
     async def _serve_dirty(self) -> None:
-        batch = [w for w in self._dirty if not w.settled.is_set()]
+        batch = [w for w in self._dirty if w.state is WaiterState.QUEUED]
         self._dirty.clear()
         probes = sorted(self._unprobed)
         self._unprobed.clear()
         for waiter in batch:
-            waiter.in_flight = True
+            waiter.state = WaiterState.DELIVERING
         # A waiter whose receipt reply was lost must not read on: its entry may already be
         # acknowledged, so a fresh read would skip it. It confirms that receipt instead.
         receipts = [(w, w.unconfirmed) for w in batch if w.unconfirmed is not None]
         readers = [w for w in batch if w.unconfirmed is None]
         try:
             if readers or probes:
-                last_ids, replies = await self.store.read_groups(
-                    [GroupRead(w.stream, w.coordinator, w.pending_first) for w in readers],
+                last_ids, replies = await self._store.read_groups(
+                    [GroupRead(w.stream, w.coordinator, w.read_pending) for w in readers],
                     probes)
                 for stream, last_id in zip(probes, last_ids, strict=True):
                     self._cursors[stream] = _min_id(self._cursors.get(stream), last_id)
                 receipts += await self._take_replies(readers, replies)
             await self._acknowledge(receipts)
         except BusUnavailable:
-            self._dirty.update(w for w in batch if not w.settled.is_set())
+            self._dirty.update(w for w in batch if w.state is WaiterState.DELIVERING)
             self._unprobed.update(probes)
             raise
         finally:
@@ -272,18 +352,18 @@ class Dispatcher:
             if isinstance(reply, GroupMissing):
                 # The group vanished (a restart without persistence, or cleanup): recreate it
                 # at the start of the stream and read again from the pending entries.
-                await self.store.ensure_group(waiter.stream, waiter.coordinator)
-                waiter.pending_first = True
+                await self._store.ensure_group(waiter.stream, waiter.coordinator)
+                waiter.read_pending = True
                 self._dirty.add(waiter)
             elif isinstance(reply, BaseException):
                 if isinstance(reply, BusUnavailable):
                     raise reply
-                self._settle(waiter, error=reply)
+                self._settle(waiter, reply)
             elif not reply:
-                if waiter.pending_first:
-                    waiter.pending_first = False
+                if waiter.read_pending:
+                    waiter.read_pending = False
                     self._dirty.add(waiter)
-            elif waiter.abandoned:
+            elif waiter.state is WaiterState.ABANDONED:
                 continue
             else:
                 receipt = await self._receipt_or_dead_letter(waiter, reply[0])
@@ -297,6 +377,15 @@ class Dispatcher:
             event = decode_fields(fields)
             if not isinstance(event, Signal):
                 raise MalformedEvent(f"a {type(event).__name__} event on a signal channel")
+        except UnknownEvent as exc:
+            # A newer writer's event type: not for this reader, and not poison either.
+            log.info("swarm %s: skipped %s on %s for %s", self.keys.swarm, exc.reason, stream_id,
+                     waiter.coordinator)
+            await self._store.skip_unknown(self.keys, waiter.stream, waiter.coordinator,
+                                           stream_id)
+            self.skipped += 1
+            self._dirty.add(waiter)
+            return None
         except MalformedEvent as exc:
             # Poison never stalls the wait: move it aside and read the next entry.
             log.warning("swarm %s: poison entry %s on %s for %s: %s", self.keys.swarm, stream_id,
@@ -304,12 +393,12 @@ class Dispatcher:
                             "event": "dead_lettered", "swarm": self.keys.swarm,
                             "channel": waiter.channel, "coordinator": waiter.coordinator,
                             "stream_id": stream_id, "reason": exc.reason})
-            await self.store.dead_letter(self.keys, waiter.stream, waiter.coordinator, entry,
-                                         exc.reason)
+            await self._store.dead_letter(self.keys, waiter.stream, waiter.coordinator, entry,
+                                          exc.reason)
             self.dead_lettered += 1
             self._dirty.add(waiter)
             return None
-        waiter.signal = event
+        self._signals[waiter] = event
         return waiter.receipt(event, stream_id)
 
     async def _acknowledge(self, receipts: list[tuple[Waiter, Receipt]]) -> None:
@@ -317,23 +406,61 @@ class Dispatcher:
             return
         for waiter, receipt in receipts:
             waiter.unconfirmed = receipt  # until the reply says it was applied
-        results = await self.store.receive_many([r for _, r in receipts])
+        results = await self._store.receive_many([r for _, r in receipts])
         for (waiter, receipt), result in zip(receipts, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, BusUnavailable):
                     raise result
-                self._settle(waiter, error=result)
+                self._settle(waiter, result)
                 continue
-            waiter.unconfirmed = None
-            waiter.stream_id = receipt.stream_id
-            waiter.ack_id = result
-            self.delivered += 1
-            self._settle(waiter)
+            self._received(waiter, receipt, result)
+
+    def _received(self, waiter: Waiter, receipt: Receipt, ack_id: str) -> None:
+        waiter.unconfirmed = None
+        signal = self._signals[waiter]
+        self.delivered += 1
+        self._settle(waiter, Received(signal, receipt.stream_id, ack_id))
+
+    async def _confirm(self, waiter: Waiter) -> None:
+        """The waiter gave up while a receipt's reply was lost: it may have been applied, so
+        ask again (idempotent) rather than report a timeout for a signal recorded received."""
+        receipt = waiter.unconfirmed
+        assert receipt is not None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CONFIRM_LIMIT_S):
+            try:
+                [result] = await self._store.receive_many([receipt])
+            except BusUnavailable:
+                result = BusUnavailable(
+                    f"signal {receipt.signal_id} was delivered to {waiter.coordinator!r} but its "
+                    f"receipt could not be confirmed; wait again with iteration="
+                    f"{waiter.iteration} once the bus is back to learn the outcome")
+            if isinstance(result, BaseException):
+                waiter.outcome = result
+            else:
+                self._received(waiter, receipt, result)
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _settle(self, waiter: Waiter, *, error: BaseException | None = None) -> None:
-        waiter.error = error
+    def _landed(self, waiter: Waiter) -> None:
+        """A delivery attempt for ``waiter`` is over: back to the queue, or settle it."""
+        if waiter.state is WaiterState.SETTLED:
+            return
+        if waiter.deferred is not None:
+            self._settle(waiter, waiter.deferred)
+        elif waiter.state is WaiterState.ABANDONED:
+            waiter.state = WaiterState.WITHDRAWN
+            waiter.settled.set()  # wakes a withdrawal waiting for the flight to land
+        elif waiter.state is WaiterState.DELIVERING:
+            if waiter in self._by_stream.get(waiter.stream, ()):
+                waiter.state = WaiterState.QUEUED
+            else:  # withdrawn at its deadline while in flight: nothing came
+                waiter.state = WaiterState.WITHDRAWN
+                waiter.settled.set()
+
+    def _settle(self, waiter: Waiter, outcome: Outcome) -> None:
+        waiter.outcome = outcome
+        waiter.state = WaiterState.SETTLED
+        self._signals.pop(waiter, None)
         self._forget(waiter)
         waiter.settled.set()
 
@@ -348,18 +475,16 @@ class Dispatcher:
     def _cursors_of_watched(self) -> dict[str, str]:
         return {stream: self._cursors.get(stream, "0-0") for stream in self._by_stream}
 
-    def _after_disconnect(self, exc: BusUnavailable, down_for_s: float) -> None:
+    def _after_disconnect(self, exc: Exception, down_for_s: float) -> None:
         log.warning("swarm %s: Redis unavailable for %.3f s: %s", self.keys.swarm, down_for_s, exc,
                     extra={"event": "bus_unavailable", "swarm": self.keys.swarm})
-        for watchers in self._by_stream.values():
-            for waiter in watchers:
-                # A reply lost with the connection may have delivered entries into the PEL.
-                waiter.pending_first = True
-                self._dirty.add(waiter)
         for watchers in list(self._by_stream.values()):
             for waiter in list(watchers):
+                # A reply lost with the connection may have delivered entries into the PEL.
+                waiter.read_pending = True
+                self._dirty.add(waiter)
                 if down_for_s > waiter.reconnect_budget_s:
-                    self._settle(waiter, error=BusUnavailable(
+                    self._settle(waiter, BusUnavailable(
                         f"Redis unreachable for {down_for_s:.1f} s "
                         f"(reconnect budget {waiter.reconnect_budget_s} s)"))
 
@@ -380,16 +505,13 @@ class Dispatcher:
                 client_id = self._reader.client_id
                 if not self._blocked or client_id is None:
                     return
-                if await self.store.unblock(client_id):
+                if await self._store.unblock(client_id):
                     return
                 await anyio.sleep(0.001)
         except StreambusError as exc:
             log.debug("could not interrupt the blocking read: %s", exc)
         finally:
             self._kicking = False
-
-    async def aclose(self) -> None:
-        await self._reader.aclose()
 
 
 def _min_id(a: str | None, b: str) -> str:

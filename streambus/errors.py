@@ -35,8 +35,22 @@ class MalformedEvent(StreambusError):
         self.fields = fields or {}
 
 
+class UnknownEvent(MalformedEvent):
+    """A well-formed event of a type this reader does not know: a newer writer's. Readers skip
+    it (acknowledged and counted), never dead-letter it (schema rule 3)."""
+
+    def __init__(self, event_type: str, fields: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(f"unknown event type {event_type!r}", fields)
+        self.event_type = event_type
+
+
 class BusUnavailable(StreambusError, ConnectionError):
     """The Redis server could not be reached (or stayed unreachable past a retry budget)."""
+
+
+class NotPermitted(StreambusError, PermissionError):
+    """The server refused: authentication failed, or its ACL does not allow a command or key.
+    Retrying cannot help; the credentials or the user's ACL rules must change."""
 
 
 class EmbeddedServerError(BusUnavailable):

@@ -140,13 +140,3 @@ class SwarmKeys:
     def progress_done(self, task: str) -> str:
         """Hash item id -> progress entry id: which items of a task are done."""
         return f"{self.prefix}:progress-done:{validate_id(task, 'task id')}"
-
-    @property
-    def loop_events(self) -> str:
-        """Stream of EpicStarted and LoopTransition events: the CFN Loop's history."""
-        return f"{self.prefix}:loop"
-
-    @property
-    def loop_state(self) -> str:
-        """Hash phase -> current loop state (a cache of replaying ``loop_events``)."""
-        return f"{self.prefix}:loop-state"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from streambus.backoff import retry_within
 from streambus.bus import Bus
 from streambus.keys import validate_id
 from streambus.schema import ProgressRecorded, decode_fields, encode
@@ -39,8 +40,10 @@ class TaskProgress:
         event = encode(ProgressRecorded(task=self.task, item=validate_id(item, "item id"),
                                         coordinator=validate_id(coordinator, "coordinator id"),
                                         detail=detail))
-        fresh, _ = await self.bus.retrying(
-            lambda: self.bus.store.record_progress(self.keys, self.task, item, event))
+        store = self.bus._store  # a core module: the store is its to use
+        fresh, _ = await retry_within(
+            lambda: store.record_progress(self.keys, self.task, item, event),
+            self.bus.publish_retry_budget_s)
         log.info("task %s: item %s done by %s%s", self.task, item, coordinator,
                  "" if fresh else " (already recorded)")
         return fresh
@@ -50,7 +53,7 @@ class TaskProgress:
         records: list[ProgressRecorded] = []
         start = "-"
         while True:
-            entries = await self.bus.store.read_range(self.keys.progress(self.task), start)
+            entries = await self.bus.read_entries(self.keys.progress(self.task), start)
             for entry_id, fields in entries:
                 event = decode_fields(fields)
                 if isinstance(event, ProgressRecorded):

@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 
 from streambus.backoff import Backoff
-from streambus.errors import BusUnavailable, MalformedEvent, StreambusError
+from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, UnknownEvent
 from streambus.keys import SwarmKeys
 from streambus.schema import AnyEvent, decode_fields
 from streambus.store import BlockingReader, Entry, GroupMissing, Store
@@ -63,6 +63,8 @@ class Projector:
         self.block_ms = block_ms
         self.applied = 0
         self.dead_lettered = 0
+        self.skipped = 0
+        """Entries of event types this projector does not know (a newer writer's)."""
 
     def __repr__(self) -> str:
         return (f"<Projector {self.projection.name!r} swarm={self.keys.swarm!r} "
@@ -154,6 +156,13 @@ class Projector:
         for entry_id, fields in entries:
             try:
                 event = decode_fields(fields)
+            except UnknownEvent:
+                # A newer writer's event type (schema rule 3): acknowledged with the batch,
+                # counted, never dead-lettered.
+                await self.store.skip_unknown(self.keys, stream, self.group, entry_id, ack=False)
+                self.skipped += 1
+                done.append(entry_id)
+                continue
             except MalformedEvent as exc:
                 await self.store.dead_letter(self.keys, stream, self.group, (entry_id, fields),
                                              exc.reason)

@@ -29,7 +29,7 @@ import anyio
 import anyio.abc
 
 from streambus.backoff import Backoff, keep_running
-from streambus.errors import Backpressure, MalformedEvent
+from streambus.errors import Backpressure, MalformedEvent, UnknownEvent
 from streambus.keys import SwarmKeys, validate_id
 from streambus.schema import RetryRequest, decode_fields, encode
 from streambus.store import Entry, Store
@@ -101,6 +101,7 @@ class RetryConsumer:
         self.processed = 0
         self.failed = 0
         self.dead_lettered = 0
+        self.skipped = 0
 
     def __repr__(self) -> str:
         return (f"<RetryConsumer {self.coordinator!r} consumer={self.consumer!r} "
@@ -160,6 +161,12 @@ class RetryConsumer:
             request = decode_fields(fields)
             if not isinstance(request, RetryRequest):
                 raise MalformedEvent(f"a {type(request).__name__} event on a retry stream")
+        except UnknownEvent:
+            # A newer writer's event type (schema rule 3): acknowledged with the batch, counted.
+            await self.store.skip_unknown(self.keys, self.stream, self.coordinator, entry_id,
+                                          ack=False)
+            self.skipped += 1
+            return True
         except MalformedEvent as exc:
             await self._dead_letter(entry, exc.reason)
             return True

@@ -20,17 +20,15 @@ machines cannot reach them.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
-from streambus.errors import MalformedEvent
+from streambus.errors import MalformedEvent, UnknownEvent
 
 SCHEMA_VERSION: Final = 1
 FIELD: Final = b"e"
 """The stream entry field that holds the encoded event."""
-
-Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
 class Outcome(enum.StrEnum):
@@ -118,19 +116,6 @@ class RetryRequest(Event, tag="retry_request", frozen=True, kw_only=True):
     iteration: int = 0
 
 
-class Verdict(Event, tag="verdict", frozen=True, kw_only=True):
-    """A Loop 2 validator's verdict."""
-
-    validator_id: str
-    validator_type: str
-    confidence: Confidence
-    vote: Literal["PASS", "FAIL"]
-    reasoning: str = ""
-    blockers: list[str] = []
-    recommendations: list[str] = []
-    round: int = 1
-
-
 class BlockingStarted(Event, tag="blocking_started", frozen=True, kw_only=True):
     """A coordinator began (or, with ``resumed``, re-entered) a blocking wait."""
 
@@ -186,59 +171,29 @@ class CoordinatorDead(Event, tag="coordinator_dead", frozen=True, kw_only=True):
     detected_ms: int
 
 
-class EpicStarted(Event, tag="epic_started", frozen=True, kw_only=True):
-    """An epic (Loop 0) began: its phases (Loop 1), in the order they must run."""
-
-    epic: str
-    phases: list[str]
-
-
-class LoopTransition(Event, tag="loop_transition", frozen=True, kw_only=True):
-    """A phase of an epic moved from one loop state to the next (see ``streambus.cfn.loop``)."""
-
-    epic: str
-    phase: str
-    from_state: str
-    to_state: str
-    iteration: int = 0
-    round: int = 0
-    reason: str = ""
-    detail: Any = None
-
-
-class ProductOwnerDecision(Event, tag="product_owner_decision", frozen=True, kw_only=True):
-    """A Loop 4 Product Owner's decision on a phase (see ``streambus.cfn.decision``)."""
-
-    decision: Literal["PROCEED", "DEFER", "ESCALATE"]
-    confidence: Confidence
-    reasoning: str = ""
-    backlog_items: list[str] = []
-    blockers: list[str] = []
-    epic: str = ""
-    phase: str = ""
-    iteration: int = 0
-    round: int = 0
-    decided_by: str = ""
-
-
 AnyEvent = (
     Signal
     | Ack
     | Heartbeat
     | RetryRequest
-    | Verdict
     | BlockingStarted
     | SignalReceived
     | BlockingEnded
     | CoordinatorDead
     | ProgressRecorded
-    | EpicStarted
-    | LoopTransition
-    | ProductOwnerDecision
 )
 
+E = TypeVar("E")
+
+
+class _Envelope(msgspec.Struct):
+    """Just the tag of an event, to tell an event of a newer writer from poison."""
+
+    type: str
+
+
 _encoder: Final = msgspec.json.Encoder()
-_decoder: Final = msgspec.json.Decoder(AnyEvent)
+_envelope: Final = msgspec.json.Decoder(_Envelope)
 
 
 def encode(event: Event) -> bytes:
@@ -246,32 +201,54 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(raw: bytes) -> AnyEvent:
-    """Decode one encoded event; any failure is a :class:`MalformedEvent`."""
-    try:
-        event: AnyEvent = _decoder.decode(raw)
-        return event
-    except msgspec.DecodeError as exc:
-        raise MalformedEvent(f"undecodable event: {exc}") from None
-    except RecursionError:
-        raise MalformedEvent("undecodable event: nested too deeply") from None
+class EventDecoder(Generic[E]):
+    """Decodes the events of one union (the core's, or an application's such as the CFN
+    Loop's). One instance per union, reused: building a decoder is the costly part."""
+
+    def __init__(self, union: Any) -> None:
+        self._decoder: msgspec.json.Decoder[E] = msgspec.json.Decoder(union)
+
+    def decode(self, raw: bytes) -> E:
+        """Decode one encoded event; any failure is a :class:`MalformedEvent`, and a well-formed
+        event of a type this union lacks (a newer writer's) an :class:`UnknownEvent`."""
+        try:
+            return self._decoder.decode(raw)
+        except msgspec.DecodeError as exc:
+            failure = f"undecodable event: {exc}"
+        except RecursionError:
+            raise MalformedEvent("undecodable event: nested too deeply") from None
+        try:
+            tag = _envelope.decode(raw).type
+        except (msgspec.DecodeError, RecursionError):
+            raise MalformedEvent(failure) from None
+        if "`$.type`" in failure:  # the tag is what failed: a type this reader does not know
+            raise UnknownEvent(tag)
+        raise MalformedEvent(failure)
+
+    def decode_fields(self, fields: dict[bytes, bytes] | None) -> E:
+        """Decode a stream entry's field map; a nil body (entry trimmed while pending) is
+        poison.
+
+        A pending entry that was deleted comes back with a nil body (redis-py: ``None``, or an
+        empty map on some servers); an entry always has at least one field, so both mean "no
+        body".
+        """
+        if not fields:
+            raise MalformedEvent("entry has no body (deleted or trimmed while pending)")
+        raw = fields.get(FIELD)
+        if raw is None:
+            raise MalformedEvent(f"entry has no {FIELD.decode()!r} field", fields)
+        try:
+            return self.decode(raw)
+        except UnknownEvent as exc:
+            raise UnknownEvent(exc.event_type, fields) from None
+        except MalformedEvent as exc:
+            raise MalformedEvent(exc.reason, fields) from None
 
 
-def decode_fields(fields: dict[bytes, bytes] | None) -> AnyEvent:
-    """Decode a stream entry's field map; a nil body (entry trimmed while pending) is poison.
-
-    A pending entry that was deleted comes back with a nil body (redis-py: ``None``, or an empty
-    map on some servers); an entry always has at least one field, so both mean "no body".
-    """
-    if not fields:
-        raise MalformedEvent("entry has no body (deleted or trimmed while pending)")
-    raw = fields.get(FIELD)
-    if raw is None:
-        raise MalformedEvent(f"entry has no {FIELD.decode()!r} field", fields)
-    try:
-        return decode(raw)
-    except MalformedEvent as exc:
-        raise MalformedEvent(exc.reason, fields) from None
+_core: Final[EventDecoder[AnyEvent]] = EventDecoder(AnyEvent)
+decode: Final = _core.decode
+decode_fields: Final = _core.decode_fields
 
 
 def stream_id_tuple(stream_id: str) -> tuple[int, int]:

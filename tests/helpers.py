@@ -15,7 +15,7 @@ async def until_states(bus: Bus, swarm: str, want: dict[str, str], timeout: floa
     """
     with anyio.fail_after(timeout):
         while True:
-            states = {r["coordinator"]: r["state"] for r in await bus.status(swarm)}
+            states = {r.coordinator: r.state for r in await bus.status(swarm)}
             if all(states.get(k) == v for k, v in want.items()):
                 return
             await anyio.sleep(0.01)

@@ -357,7 +357,7 @@ async def audit_logs(bus: Bus, fleet: Fleet, published: dict[str, Published], ta
     """
     keys = bus.keys(SWARM)
     stream = keys.channel(CHANNEL)
-    acked_by = {sid: (await bus.store.acks_snapshot(keys, sid))[1] for sid in published}
+    acked_by = {sid: (await bus._store.acks_snapshot(keys, sid))[1] for sid in published}
     audit = Audit(acks_missing=sum(1 for sid in published for c in COORDINATORS
                                    if c not in acked_by[sid]))
     for c in COORDINATORS:
@@ -371,7 +371,7 @@ async def audit_logs(bus: Bus, fleet: Fleet, published: dict[str, Published], ta
         skipped = ambiguous = 0
         for sid in (sid for sid in published if sid not in counts):
             if c not in acked_by[sid]:
-                pending = await bus.store.delivery_counts(stream, c, c,
+                pending = await bus._store.delivery_counts(stream, c, c,
                                                           [published[sid].stream_id])
                 (audit.stuck if pending else audit.lost).append((c, sid))
                 continue

@@ -21,15 +21,15 @@ async def _coordinator(bus: Bus, swarm: str, name: str, *, beats: bool, age_ms: 
                        waiting: bool = False) -> None:
     """A coordinator as the real API leaves it, then aged by ``age_ms`` (as if long dead)."""
     keys = bus.keys(swarm)
-    start = await bus.store.begin_wait(keys, name, "ch", 60_000 if waiting else 1, 0)
+    start = await bus._store.begin_wait(keys, name, "ch", 60_000 if waiting else 1, 0)
     if not waiting:
-        await bus.store.end_wait(keys, name, "ch", start.iteration, "timed_out",
+        await bus._store.end_wait(keys, name, "ch", start.iteration, "timed_out",
                                  b'{"type":"blocking_ended","outcome":"timeout"}')
     await bus.request_retry(swarm, name, reason="left behind")
-    raw = bus.store._redis
+    raw = bus._store._redis
     then = start.now_ms - age_ms
     if beats:
-        await bus.store.beat(keys, name, encode(Heartbeat(coordinator=name)))
+        await bus._store.beat(keys, name, encode(Heartbeat(coordinator=name)))
         await raw.zadd(keys.alive, {name: then})
     await raw.zadd(keys.coordinators, {name: then})
     await raw.hset(keys.state(name), mapping={"updated_ms": then})
@@ -45,16 +45,16 @@ async def test_stale_coordinators_go_and_live_ones_stay(bus: Bus) -> None:
     await _coordinator(bus, "cl", "fresh-silent", beats=False, age_ms=0)
     # Beats decide for a beater, even if its state is old.
     await _coordinator(bus, "cl", "old-state-fresh-beat", beats=True, age_ms=HOUR_MS)
-    await bus.store._redis.zadd(bus.keys("cl").alive,
-                                {"old-state-fresh-beat": await bus.store.time_ms()})
+    await bus._store._redis.zadd(bus.keys("cl").alive,
+                                {"old-state-fresh-beat": await bus._store.time_ms()})
     keys = bus.keys("cl")
     report = await cleanup(bus, swarm="cl", stale_after=600)
     [swarm] = report.swarms
     assert sorted(swarm.removed) == ["dead-beater", "dead-silent", "dead-waiter"]
     assert swarm.groups_destroyed == 3
     assert swarm.retry_streams_removed == 3
-    raw = bus.store._redis
-    survivors = {row["coordinator"] for row in await bus.status("cl")}
+    raw = bus._store._redis
+    survivors = {row.coordinator for row in await bus.status("cl")}
     assert survivors == {"live-beater", "fresh-silent", "old-state-fresh-beat"}
     groups = {g["name"].decode() for g in await raw.xinfo_groups(keys.channel("ch"))}
     assert groups == survivors
@@ -68,7 +68,7 @@ async def test_dry_run_reports_and_removes_nothing(bus: Bus) -> None:
     await _coordinator(bus, "dry", "dead", beats=True, age_ms=HOUR_MS)
     report = await cleanup(bus, swarm="dry", stale_after=600, dry_run=True)
     assert report.swarms[0].removed == ["dead"]
-    assert [row["coordinator"] for row in await bus.status("dry")] == ["dead"]
+    assert [row.coordinator for row in await bus.status("dry")] == ["dead"]
 
 
 async def test_every_swarm_of_the_namespace_is_cleaned(bus: Bus) -> None:

@@ -7,7 +7,7 @@ import math
 import anyio
 import pytest
 
-from streambus import InvalidInput, Liveness, Verdict
+from streambus import InvalidInput, Liveness
 from streambus.bus import Bus
 from streambus.cfn.consensus import (
     ConsensusResult,
@@ -23,6 +23,7 @@ from streambus.cfn.consensus import (
     verdict_channel,
     verdict_signal_id,
 )
+from streambus.cfn.events import Verdict
 from streambus.errors import InvalidId
 from streambus.schema import RetryRequest, decode_fields
 from tests.helpers import until_states
@@ -303,11 +304,11 @@ async def test_collect_verdicts_from_three_validators(bus: Bus) -> None:
     assert result.score == pytest.approx((0.92 + 0.95 + 0.91) / 3)
     assert result.recommendations == ("more tests",)
     assert result.ignored == 1  # the round-0 verdict; the duplicate was never appended
-    entries = await bus.store.read_range(bus.keys("cv").channel(channel))
+    entries = await bus._store.read_range(bus.keys("cv").channel(channel))
     assert len(entries) == 4
     for _, fields in entries:  # the collector acknowledged every verdict it counted
         signal = decode_fields(fields)
-        assert await bus.store.ack_id(bus.keys("cv"), signal.signal_id, "loop2")  # type: ignore[union-attr]
+        assert await bus._store.ack_id(bus.keys("cv"), signal.signal_id, "loop2")  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio
@@ -328,7 +329,7 @@ async def test_a_silent_validator_ends_the_round_incomplete_at_the_timeout(bus: 
     sent = await send_retry_requests(bus, "cs", requests)
     resent = await send_retry_requests(bus, "cs", requests)
     assert [s.duplicate for s in sent + resent] == [False, False, True, True]
-    stored = await bus.store.read_range(bus.keys("cs").retries("coord-a"))
+    stored = await bus._store.read_range(bus.keys("cs").retries("coord-a"))
     [request] = [decode_fields(f) for _, f in stored]
     assert isinstance(request, RetryRequest)
     assert request.blockers == ["bug"]
@@ -348,8 +349,8 @@ async def test_a_watched_validator_that_is_dead_ends_the_round_early(bus: Bus) -
     assert result.status is RoundStatus.INCOMPLETE
     assert result.missing == result.dead == ("tester-1",)
     assert [v.validator_id for v in result.votes] == list(V3[:2])
-    rows = {r["coordinator"]: r for r in await bus.status("cd")}
-    assert rows["loop2"]["state"] == "peer_dead"
+    rows = {r.coordinator: r for r in await bus.status("cd")}
+    assert rows["loop2"].state == "peer_dead"
 
 
 @pytest.mark.anyio

@@ -6,7 +6,7 @@ import anyio
 import msgspec
 import pytest
 
-from streambus import InvalidInput, Verdict
+from streambus import InvalidInput
 from streambus.bus import Bus
 from streambus.cfn.consensus import ConsensusResult, Thresholds, evaluate_consensus
 from streambus.cfn.decision import (
@@ -18,7 +18,8 @@ from streambus.cfn.decision import (
     decision_of,
     publish_decision,
 )
-from streambus.schema import ProductOwnerDecision, decode, encode
+from streambus.cfn.events import ProductOwnerDecision, Verdict, decode
+from streambus.schema import encode
 
 V3 = ("reviewer-1", "security-1", "tester-1")
 DECIDER = DefaultDecider()

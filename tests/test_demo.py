@@ -108,9 +108,9 @@ async def test_standard_demo_retries_then_passes_and_runs_phases_in_order(
     assert summary["rebuilt"]["phases"] == [
         {"phase": p.phase, "state": str(p.state), "loop": None, "iteration": p.iteration,
          "round": p.round} for p in rebuilt.phases]
-    rows = {r["coordinator"]: r for r in await bus.status(summary["swarm"])}
-    assert {name for name, r in rows.items() if r["state"] != "signaled"} == set()
-    assert all(r["retries_pending"] == 0 for r in rows.values())
+    rows = {r.coordinator: r for r in await bus.status(summary["swarm"])}
+    assert {name for name, r in rows.items() if r.state != "signaled"} == set()
+    assert all(r.retries_pending == 0 for r in rows.values())
 
 
 @pytest.mark.slow

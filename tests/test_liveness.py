@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 import streambus
-from streambus import BusUnavailable, Liveness, PeerDead, WaitTimeout
-from streambus.bus import Bus, Delivery
+from streambus import BusUnavailable, Delivery, Liveness, PeerDead, WaitTimeout
+from streambus.bus import Bus
 from streambus.liveness import Heartbeater
 from tests.helpers import until_states
 from tests.servers import ServerProcess
@@ -44,7 +44,7 @@ async def _until_beating(bus: Bus, swarm: str, peer: str) -> int:
     """The peer's first recorded beat (server ms), waiting for it (bounded)."""
     with anyio.fail_after(10):
         while True:
-            _, beats = await bus.store.last_beats(bus.keys(swarm), [peer])
+            _, beats = await bus._store.last_beats(bus.keys(swarm), [peer])
             if beats[peer] is not None:
                 return beats[peer]
             await anyio.sleep(0.02)
@@ -56,15 +56,15 @@ async def test_heartbeats_are_recorded_in_server_time(bus: Bus) -> None:
         first = await _until_beating(bus, "beats", "c")
         with anyio.fail_after(5):
             while True:  # four beats on the drift-free 200 ms schedule
-                if len(await bus.store.read_range(bus.keys("beats").heartbeats)) >= 4:
+                if len(await bus._store.read_range(bus.keys("beats").heartbeats)) >= 4:
                     break
                 await anyio.sleep(0.05)
-    now_ms, beats = await bus.store.last_beats(bus.keys("beats"), ["c"])
+    now_ms, beats = await bus._store.last_beats(bus.keys("beats"), ["c"])
     last = beats["c"]
     assert last is not None
     assert last > first
     assert 0 <= now_ms - last < 5000
-    entries = await bus.store.read_range(bus.keys("beats").heartbeats)
+    entries = await bus._store.read_range(bus.keys("beats").heartbeats)
     assert len(entries) == beater.beats
     assert beater.failures == 0
 
@@ -87,12 +87,12 @@ async def test_scenario_3_waiter_ends_peer_dead_when_the_watched_process_is_kill
         heartbeat_process.kill()  # kill -9: no goodbye, the beats just stop
         heartbeat_process.wait()
     assert list(caught[0].peers) == ["peer"]
-    _, beats = await bus.store.last_beats(bus.keys("hb"), ["peer"])
-    [row] = [r for r in await bus.status("hb") if r["coordinator"] == "waiter"]
-    assert row["state"] == "peer_dead"
+    _, beats = await bus._store.last_beats(bus.keys("hb"), ["peer"])
+    [row] = [r for r in await bus.status("hb") if r.coordinator == "waiter"]
+    assert row.state == "peer_dead"
     last_beat = beats["peer"]
     assert last_beat is not None
-    detected_after_s = (row["ended_ms"] - last_beat) / 1000
+    detected_after_s = (row.ended_ms - last_beat) / 1000
     # Server time on both ends: the beat's score and the recorded end of the wait.
     assert FAST.dead_after < detected_after_s <= FAST.dead_after + FAST.heartbeat_interval + 0.3
 
@@ -204,7 +204,7 @@ async def test_watchdog_reports_a_lapsed_coordinator_once(bus: Bus) -> None:
     assert await first.check() == []
     assert await second.check() == []
     assert first.reported + second.reported == ["mortal"]
-    events = [decode_fields(f) for _, f in await bus.store.read_range(bus.keys("wd").events)]
+    events = [decode_fields(f) for _, f in await bus._store.read_range(bus.keys("wd").events)]
     dead = [e for e in events if isinstance(e, CoordinatorDead)]
     assert [e.coordinator for e in dead] == ["mortal"]
     assert dead[0].detected_ms - dead[0].last_beat_ms > 500
@@ -218,27 +218,27 @@ async def test_blocking_view_shows_who_blocks_on_what_since_when(bus: Bus) -> No
         await until_states(bus, "view", {"waiter": "waiting"})
         await bus.request_retry("view", "waiter", reason="redo")  # no handler: stays pending
         await _until_beating(bus, "view", "waiter")
-        rows = {row["coordinator"]: row for row in await bus.status("view")}
+        rows = {row.coordinator: row for row in await bus.status("view")}
         tg.cancel_scope.cancel()
-    now_s = await bus.store.time_ms() / 1000
+    now_s = await bus._store.time_ms() / 1000
     row = rows["waiter"]
-    assert row["state"] == "waiting"
-    assert row["channel"] == "loop2-done"
-    assert row["since"] == row["started_ms"] / 1000
-    assert row["deadline"] - row["since"] == 60
-    assert 0 <= row["last_heartbeat_age_s"] < 5
-    assert row["watches"] == ["peer"]
-    assert row["retries_pending"] == 1
-    assert abs(now_s - row["since"]) < 10
-    assert rows["peer"]["state"] == "idle"  # beats, never waited
-    assert rows["peer"]["last_heartbeat_age_s"] is not None
+    assert row.state == "waiting"
+    assert row.channel == "loop2-done"
+    assert row.since == row.started_ms / 1000
+    assert row.deadline - row.since == 60
+    assert 0 <= row.last_heartbeat_age_s < 5
+    assert row.watches == ["peer"]
+    assert row.retries_pending == 1
+    assert abs(now_s - row.since) < 10
+    assert rows["peer"].state == "idle"  # beats, never waited
+    assert rows["peer"].last_heartbeat_age_s is not None
 
 
 async def test_many_coordinators_of_a_process_beat_in_few_calls(bus: Bus) -> None:
     names = [f"c{n}" for n in range(200)]
     keys = bus.keys("herd")
-    beaters = [Heartbeater(bus.store, keys, name, FAST.heartbeat_interval, batcher=bus.beats)
-               for name in names]
+    beaters = [Heartbeater(bus._store, keys, name, FAST.heartbeat_interval,
+                           batcher=bus._runtime.beats) for name in names]
     async with anyio.create_task_group() as tg:
         for beater in beaters:
             await tg.start(beater.run)  # one after another, as separate coordinators start
@@ -248,9 +248,9 @@ async def test_many_coordinators_of_a_process_beat_in_few_calls(bus: Bus) -> Non
                     break
                 await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
-    _, beats = await bus.store.last_beats(keys, names)
+    _, beats = await bus._store.last_beats(keys, names)
     assert all(beat is not None for beat in beats.values())
     assert all(beater.failures == 0 for beater in beaters)
     later_beats = sum(beater.beats for beater in beaters) - len(names)
-    later_calls = bus.beats.calls - len(names)  # the first beats went out one by one
+    later_calls = bus._runtime.beats.calls - len(names)  # the first beats went out one by one
     assert later_calls < later_beats / 20

@@ -121,7 +121,7 @@ async def test_a_scrape_shows_the_plans_metrics_with_true_values(bus: Bus) -> No
         for name in ("w1", "w2"):
             waits.start_soon(partial(bus.wait_for, swarm, name, "later", timeout=60))
         # A poison entry on the lifecycle stream: the metrics projector dead-letters it.
-        await bus.store._redis.xadd(keys.events, {"e": b"not json"})
+        await bus._store._redis.xadd(keys.events, {"e": b"not json"})
         # Two heartbeats fail (nothing listens there), then one gets through and reports them.
         unreachable = Store(UNREACHABLE_URL, limits=Limits())
         beater = Heartbeater(unreachable, keys, "hb-1", interval=1.0)
@@ -129,7 +129,7 @@ async def test_a_scrape_shows_the_plans_metrics_with_true_values(bus: Bus) -> No
         await beater.beat_once()
         assert (beater.failures, beater.beats) == (2, 0)
         await unreachable.aclose()
-        beater.store = bus.store
+        beater.store = bus._store
         await beater.beat_once()
         assert (beater.failures, beater.beats, beater.unreported) == (2, 1, 0)
 
@@ -140,7 +140,7 @@ async def test_a_scrape_shows_the_plans_metrics_with_true_values(bus: Bus) -> No
             and s.value("dead_letters_total", swarm=swarm) == 1
             and s.value("stream_group_pending_entries", swarm=swarm, stream="events",
                         group="proj.metrics") == 0))
-        events = len(await bus.store.read_range(keys.events, count=10_000))
+        events = len(await bus._store.read_range(keys.events, count=10_000))
         waits.cancel_scope.cancel()
 
     assert set(PLAN_METRICS) <= set(got.families)
@@ -223,13 +223,13 @@ async def test_with_the_bus_down_a_scrape_still_answers_and_says_so(
 async def test_the_census_counts_every_coordinator_across_script_chunks(bus: Bus) -> None:
     keys = bus.keys("census")
     for n in range(600):
-        await bus.store.begin_wait(keys, f"c{n}", "ab"[n % 2], 60_000, 0)
+        await bus._store.begin_wait(keys, f"c{n}", "ab"[n % 2], 60_000, 0)
     ended = BlockingEnded(coordinator="c0", channel="a", iteration=1, outcome=Outcome.TIMEOUT)
-    assert await bus.store.end_wait(keys, "c0", "a", 1, "timed_out", encode(ended))
-    await bus.store._redis.delete(keys.state("c1"))  # expired: listed, but not counted
-    assert await bus.store.coordinator_census(keys) == {
+    assert await bus._store.end_wait(keys, "c0", "a", 1, "timed_out", encode(ended))
+    await bus._store._redis.delete(keys.state("c1"))  # expired: listed, but not counted
+    assert await bus._store.coordinator_census(keys) == {
         ("waiting", "a"): 299, ("timed_out", "a"): 1, ("waiting", "b"): 299}
-    assert await bus.store.coordinator_census(bus.keys("nobody")) == {}
+    assert await bus._store.coordinator_census(bus.keys("nobody")) == {}
 
 
 async def test_the_events_that_end_a_wait_carry_its_start(bus: Bus) -> None:
@@ -239,9 +239,9 @@ async def test_the_events_that_end_a_wait_carry_its_start(bus: Bus) -> None:
         tg.start_soon(partial(bus.wait_for, swarm, "s", "go", timeout=30))
         await bus.publish(swarm, "go", await_acks=["s"])
     # A wait resumed after a crash keeps its start: begin it, then wait again as a restart would.
-    first = await bus.store.begin_wait(keys, "r", "ch", 300, 0)
+    first = await bus._store.begin_wait(keys, "r", "ch", 300, 0)
     await time_out(bus, swarm, "r", "ch", 30)
-    events = [decode_fields(fields) for _, fields in await bus.store.read_range(keys.events)]
+    events = [decode_fields(fields) for _, fields in await bus._store.read_range(keys.events)]
     started = {e.coordinator: e.started_ms for e in events if isinstance(e, BlockingStarted)}
     assert started["r"] == first.started_ms == first.now_ms
     ends = [e for e in events if isinstance(e, BlockingEnded | SignalReceived)]

@@ -42,11 +42,11 @@ async def test_catch_up_then_resume_from_the_recorded_position(bus: Bus) -> None
         await bus.publish("proj", "a", n, signal_id=f"a{n}")
     await bus.publish("proj", "b", 0, signal_id="b0")
     first = SignalLog()
-    assert await Projector(bus.store, keys, first).catch_up() == 4
+    assert await Projector(bus._store, keys, first).catch_up() == 4
     assert sorted(first.seen.values()) == ["a0", "a1", "a2", "b0"]
     await bus.publish("proj", "a", 3, signal_id="a3")
     restarted = SignalLog()  # a new process: its position is in Redis, not in memory
-    assert await Projector(bus.store, keys, restarted).catch_up() == 1
+    assert await Projector(bus._store, keys, restarted).catch_up() == 1
     assert list(restarted.seen.values()) == ["a3"]
 
 
@@ -55,7 +55,7 @@ async def test_rebuild_replays_everything(bus: Bus) -> None:
     for n in range(5):
         await bus.publish("rebuild", "b", n, signal_id=f"s{n}")
     view = SignalLog()
-    projector = Projector(bus.store, keys, view)
+    projector = Projector(bus._store, keys, view)
     await projector.catch_up()
     view.seen["stale"] = "left over"
     assert await projector.rebuild() == 5
@@ -64,7 +64,7 @@ async def test_rebuild_replays_everything(bus: Bus) -> None:
 
 async def test_running_projector_follows_new_entries(bus: Bus) -> None:
     view = SignalLog()
-    projector = Projector(bus.store, bus.keys("follow"), view, block_ms=200)
+    projector = Projector(bus._store, bus.keys("follow"), view, block_ms=200)
     async with anyio.create_task_group() as tg:
         await tg.start(projector.run)
         await bus.publish("follow", "a", "live", signal_id="live-1")
@@ -82,7 +82,7 @@ async def test_two_instances_share_the_work_without_double_applying(bus: Bus) ->
     for n in range(40):
         await bus.publish("shared", "a", n, signal_id=f"s{n}")
     one, two = SignalLog(), SignalLog()
-    p1, p2 = Projector(bus.store, keys, one), Projector(bus.store, keys, two)
+    p1, p2 = Projector(bus._store, keys, one), Projector(bus._store, keys, two)
     async with anyio.create_task_group() as tg:
         tg.start_soon(p1.catch_up)
         tg.start_soon(p2.catch_up)
@@ -93,14 +93,14 @@ async def test_two_instances_share_the_work_without_double_applying(bus: Bus) ->
 
 async def test_poison_is_dead_lettered_and_the_projector_goes_on(bus: Bus) -> None:
     keys = bus.keys("ppoison")
-    await bus.store._redis.xadd(keys.channel("a"), {"e": b"not json"})
+    await bus._store._redis.xadd(keys.channel("a"), {"e": b"not json"})
     await bus.publish("ppoison", "a", "fine", signal_id="fine")
     view = SignalLog()
-    projector = Projector(bus.store, keys, view)
+    projector = Projector(bus._store, keys, view)
     await projector.catch_up()
     assert list(view.seen.values()) == ["fine"]
     assert projector.dead_lettered == 1
-    assert len(await bus.store.read_range(keys.dead_letters)) == 1
+    assert len(await bus._store.read_range(keys.dead_letters)) == 1
 
 
 class Picky(SignalLog):
@@ -117,13 +117,13 @@ async def test_an_event_the_projection_cannot_apply_is_dead_lettered(bus: Bus) -
     await bus.publish("picky", "a", "cursed", signal_id="bad")
     await bus.publish("picky", "a", "fine", signal_id="good")
     view = Picky()
-    projector = Projector(bus.store, keys, view)
+    projector = Projector(bus._store, keys, view)
     await projector.catch_up()
     assert list(view.seen.values()) == ["good"]
-    [(_, fields)] = await bus.store.read_range(keys.dead_letters)
+    [(_, fields)] = await bus._store.read_range(keys.dead_letters)
     assert fields is not None
     assert b"cannot handle this one" in fields[b"reason"]
-    assert await Projector(bus.store, keys, Picky()).catch_up() == 0  # nothing left pending
+    assert await Projector(bus._store, keys, Picky()).catch_up() == 0  # nothing left pending
 
 
 async def _until_seen(view: SignalLog, signal_id: str) -> None:
@@ -137,15 +137,15 @@ async def _until_seen(view: SignalLog, signal_id: str) -> None:
 async def test_projector_survives_losing_its_group_and_retires_on_exit(bus: Bus) -> None:
     keys = bus.keys("regroup")
     view = SignalLog()
-    projector = Projector(bus.store, keys, view, block_ms=100)
+    projector = Projector(bus._store, keys, view, block_ms=100)
     async with anyio.create_task_group() as tg:
         await tg.start(projector.run)
         await bus.publish("regroup", "a", 1, signal_id="before")
         await _until_seen(view, "before")
         for stream in view.streams(keys):  # as a restart without persistence would
-            await bus.store._redis.xgroup_destroy(stream, projector.group)
+            await bus._store._redis.xgroup_destroy(stream, projector.group)
         await bus.publish("regroup", "a", 2, signal_id="after")
         await _until_seen(view, "after")
         tg.cancel_scope.cancel()
-    consumers = await bus.store._redis.xinfo_consumers(keys.channel("a"), projector.group)
+    consumers = await bus._store._redis.xinfo_consumers(keys.channel("a"), projector.group)
     assert [c["name"] for c in consumers] == []  # it held nothing, so it removed itself

@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 import streambus
-from streambus.bus import Bus, Delivery
+from streambus import Delivery
+from streambus.bus import Bus
 from streambus.schema import Signal, encode
 from tests.helpers import until_states
 from tests.servers import ServerProcess
@@ -57,8 +58,8 @@ async def test_entry_delivered_but_never_acknowledged_is_delivered_again(bus: Bu
     """A reply lost with its connection leaves the entry in the PEL; the next wait reads it."""
     keys = bus.keys("pel")
     published = await bus.publish("pel", "ch", "lost reply")
-    await bus.store.ensure_group(keys.channel("ch"), "c")
-    raw = bus.store._redis
+    await bus._store.ensure_group(keys.channel("ch"), "c")
+    raw = bus._store._redis
     await raw.xreadgroup("c", "c", {keys.channel("ch"): ">"}, count=1)  # delivered, never acked
     delivery = await bus.wait_for("pel", "c", "ch", timeout=5)
     assert delivery.signal.signal_id == published.signal_id
@@ -68,7 +69,7 @@ async def test_entry_delivered_but_never_acknowledged_is_delivered_again(bus: Bu
 
 async def test_poison_entries_are_dead_lettered_and_the_wait_goes_on(bus: Bus) -> None:
     keys = bus.keys("poison")
-    raw = bus.store._redis
+    raw = bus._store._redis
     stream = keys.channel("ch")
     await raw.xadd(stream, {"e": b"{not json"})
     await raw.xadd(stream, {"other": b"field"})
@@ -76,29 +77,29 @@ async def test_poison_entries_are_dead_lettered_and_the_wait_goes_on(bus: Bus) -
     published = await bus.publish("poison", "ch", "good")
     delivery = await bus.wait_for("poison", "c", "ch", timeout=5)
     assert delivery.signal.signal_id == published.signal_id
-    dead = await bus.store.read_range(keys.dead_letters)
+    dead = await bus._store.read_range(keys.dead_letters)
     assert len(dead) == 3
     reasons = [fields[b"reason"].decode() for _, fields in dead if fields]
     assert all(reasons), reasons
     assert dead[1][1] is not None
     assert dead[1][1][b"orig.other"] == b"field"
-    assert (await bus.store.hgetall(keys.counters))["dead_letters"] == "3"
+    assert (await bus._store.hgetall(keys.counters))["dead_letters"] == "3"
     pending = await raw.xpending(stream, "c")
     assert pending["pending"] == 0
 
 
 async def test_entry_trimmed_while_pending_is_dead_lettered(bus: Bus) -> None:
     keys = bus.keys("nil")
-    raw = bus.store._redis
+    raw = bus._store._redis
     stream = keys.channel("ch")
     doomed = await bus.publish("nil", "ch", "doomed")
-    await bus.store.ensure_group(stream, "c")
+    await bus._store.ensure_group(stream, "c")
     await raw.xreadgroup("c", "c", {stream: ">"}, count=1)
     await raw.xdel(stream, doomed.stream_id)  # as MAXLEN/MINID trimming would
     survivor = await bus.publish("nil", "ch", "survivor")
     delivery = await bus.wait_for("nil", "c", "ch", timeout=5)
     assert delivery.signal.signal_id == survivor.signal_id
-    [(_, fields)] = await bus.store.read_range(keys.dead_letters)
+    [(_, fields)] = await bus._store.read_range(keys.dead_letters)
     assert fields is not None
     assert b"no body" in fields[b"reason"]
     assert fields[b"source_id"].decode() == doomed.stream_id
@@ -111,7 +112,7 @@ async def test_group_lost_mid_wait_is_recreated(bus: Bus) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_blocked_wait, bus, "nogroup", "c", got)
         await until_states(bus, "nogroup", {"c": "waiting"})
-        await bus.store._redis.xgroup_destroy(keys.channel("ch"), "c")
+        await bus._store._redis.xgroup_destroy(keys.channel("ch"), "c")
         published = await bus.publish("nogroup", "ch", "after loss")
     assert [d.signal.signal_id for d in got] == [published.signal_id]
 
@@ -123,7 +124,7 @@ async def test_many_waiters_in_one_process_share_one_blocking_connection(bus: Bu
         for name in names:
             tg.start_soon(_blocked_wait, bus, "many", name, got)
         await until_states(bus, "many", dict.fromkeys(names, "waiting"))
-        clients_before = len(await bus.store._redis.client_list())
+        clients_before = len(await bus._store._redis.client_list())
         published = await bus.publish("many", "ch", "all", await_acks=names, ack_timeout=10)
     assert len(published.acked_by) == len(names)
     assert {d.coordinator for d in got} == set(names)
@@ -139,7 +140,7 @@ async def test_out_of_memory_is_a_clear_bus_unavailable_and_loses_nothing(
     async with streambus.connect(own_server.url, namespace=namespace,
                                  publish_retry_budget_s=0.3) as bus:
         accepted = await bus.publish("oom", "ch", "before the limit")
-        raw = bus.store._redis
+        raw = bus._store._redis
         await raw.config_set("maxmemory-policy", "noeviction")
         await raw.config_set("maxmemory", 1)  # 1 byte: every write is refused
         with pytest.raises(streambus.BusUnavailable, match="out of memory"):
@@ -159,20 +160,20 @@ async def test_lost_receipt_reply_is_confirmed_not_skipped(
     must return that signal, not read on and skip it (found by the chaos test)."""
     first = await bus.publish("lost", "ch", "first")
     await bus.publish("lost", "ch", "second")
-    real = type(bus.store).receive_many
+    real = type(bus._store).receive_many
     calls: list[int] = []
 
     async def applied_then_lost(self: object, receipts: list[object]) -> object:
-        result = await real(bus.store, receipts)  # type: ignore[arg-type]
+        result = await real(bus._store, receipts)  # type: ignore[arg-type]
         calls.append(len(receipts))
         if len(calls) == 1:
             raise streambus.BusUnavailable("reply lost with the connection")
         return result
 
-    monkeypatch.setattr(type(bus.store), "receive_many", applied_then_lost)
+    monkeypatch.setattr(type(bus._store), "receive_many", applied_then_lost)
     delivery = await bus.wait_for("lost", "c", "ch", timeout=5)
     assert delivery.signal.signal_id == first.signal_id
-    assert delivery.ack_id == await bus.store.ack_id(bus.keys("lost"), first.signal_id, "c")
+    assert delivery.ack_id == await bus._store.ack_id(bus.keys("lost"), first.signal_id, "c")
     assert len(calls) == 2
 
 
@@ -197,14 +198,14 @@ async def test_a_late_receipt_does_not_close_a_newer_wait(bus: Bus) -> None:
 
     keys = bus.keys("late")
     published = await bus.publish("late", "ch", "old")
-    old = await bus.store.begin_wait(keys, "c", "ch", 60_000, 1)
+    old = await bus._store.begin_wait(keys, "c", "ch", 60_000, 1)
     stale = Waiter(keys, "c", "ch", keys.channel("ch"), old.iteration)
     signal = Signal(signal_id=published.signal_id, swarm="late", channel="ch")
-    await bus.store.end_wait(keys, "c", "ch", 1, "cancelled", b'{"outcome":"cancelled"}')
-    newer = await bus.store.begin_wait(keys, "c", "other", 60_000, 0)
-    [ack_id] = await bus.store.receive_many([stale.receipt(signal, published.stream_id)])
+    await bus._store.end_wait(keys, "c", "ch", 1, "cancelled", b'{"outcome":"cancelled"}')
+    newer = await bus._store.begin_wait(keys, "c", "other", 60_000, 0)
+    [ack_id] = await bus._store.receive_many([stale.receipt(signal, published.stream_id)])
     assert isinstance(ack_id, str)
     [row] = await bus.status("late")
-    assert (row["state"], row["iteration"], row["channel"]) == ("waiting", newer.iteration,
+    assert (row.state, row.iteration, row.channel) == ("waiting", newer.iteration,
                                                                  "other")
-    assert await bus.store.ack_id(keys, published.signal_id, "c") == ack_id
+    assert await bus._store.ack_id(keys, published.signal_id, "c") == ack_id

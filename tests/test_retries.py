@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def _backlog(bus: Bus, swarm: str, coordinator: str) -> int:
-    counts = await bus.store.hgetall(bus.keys(swarm).retry_backlog)
+    counts = await bus._store.hgetall(bus.keys(swarm).retry_backlog)
     return int(counts.get(coordinator, 0))
 
 
@@ -46,7 +46,7 @@ async def test_blocked_coordinator_processes_retry_requests_without_leaving_its_
                 if await _backlog(bus, "rr", "impl") == 0:
                     break
                 await anyio.sleep(0.02)
-        states = {r["coordinator"]: r["state"] for r in await bus.status("rr")}
+        states = {r.coordinator: r.state for r in await bus.status("rr")}
         published = await bus.publish("rr", "loop2-done", "consensus reached")
     assert states["impl"] == "waiting"  # still blocked while it handled all 50
     assert [r.reason for r in handled] == [f"fix {i}" for i in range(50)]
@@ -68,7 +68,7 @@ async def test_backlog_limit_raises_backpressure_and_drops_nothing(bus: Bus) -> 
     with pytest.raises(Backpressure) as caught:
         await bus.request_retry("bp", "slow", reason="one too many", backlog_limit=5)
     assert caught.value.backlog == 5
-    entries = await bus.store.read_range(bus.keys("bp").retries("slow"))
+    entries = await bus._store.read_range(bus.keys("bp").retries("slow"))
     assert len(entries) == 5  # the refused request was not appended
 
 
@@ -76,7 +76,7 @@ async def test_backpressure_with_wait_succeeds_once_the_backlog_drains(bus: Bus)
     for i in range(3):
         await bus.request_retry("bpw", "c", reason=str(i), backlog_limit=3)
     handled: list[str] = []
-    consumer = RetryConsumer(bus.store, bus.keys("bpw"), "c",
+    consumer = RetryConsumer(bus._store, bus.keys("bpw"), "c",
                              lambda request: handled.append(request.reason))
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
@@ -98,11 +98,11 @@ async def test_stranded_requests_of_a_dead_consumer_are_claimed_by_its_replaceme
     for i in range(3):
         await bus.request_retry("strand", "c", reason=str(i))
     stream = keys.retries("c")
-    await bus.store.ensure_group(stream, "c")
-    raw = bus.store._redis
+    await bus._store.ensure_group(stream, "c")
+    raw = bus._store._redis
     await raw.xreadgroup("c", "c.dead-instance", {stream: ">"}, count=10)  # then it died
     handled: list[str] = []
-    replacement = RetryConsumer(bus.store, keys, "c",
+    replacement = RetryConsumer(bus._store, keys, "c",
                                 lambda request: handled.append(request.reason), claim_idle=0)
     async with anyio.create_task_group() as tg:
         await tg.start(replacement.run)
@@ -127,7 +127,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
         if request.reason == "cursed":
             raise RuntimeError("handler bug")
 
-    consumer = RetryConsumer(bus.store, bus.keys("fail"), "c", handler, max_attempts=3)
+    consumer = RetryConsumer(bus._store, bus.keys("fail"), "c", handler, max_attempts=3)
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
         with anyio.fail_after(10):
@@ -138,7 +138,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
         tg.cancel_scope.cancel()
     assert seen.count("cursed") == 3
     assert seen.count("fine") == 1
-    [(_, fields)] = await bus.store.read_range(bus.keys("fail").dead_letters)
+    [(_, fields)] = await bus._store.read_range(bus.keys("fail").dead_letters)
     assert fields is not None
     assert b"handler failed 3 times" in fields[b"reason"]
 

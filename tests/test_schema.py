@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import pytest
 from redis.crc import key_slot
 
+from streambus import schema
+from streambus.cfn import events as cfn_events
+from streambus.cfn.events import Verdict
 from streambus.config import parse_duration
-from streambus.errors import InvalidId, InvalidInput, MalformedEvent
+from streambus.errors import InvalidId, InvalidInput, MalformedEvent, UnknownEvent
 from streambus.keys import SwarmKeys, validate_id
 from streambus.schema import (
     FIELD,
@@ -25,12 +28,12 @@ from streambus.schema import (
     BlockingEnded,
     BlockingStarted,
     Event,
+    EventDecoder,
     Heartbeat,
     Outcome,
     RetryRequest,
     Signal,
     SignalReceived,
-    Verdict,
     decode,
     decode_fields,
     encode,
@@ -74,6 +77,12 @@ EXPECTED: dict[str, Event] = {
     ),
 }
 NAMES = sorted(EXPECTED)
+CFN: Final = {"verdict"}
+"""Fixtures of the CFN Loop's events, decoded by its own decoder (same wire tags as ever)."""
+
+
+def decoder_for(name: str) -> EventDecoder[Any]:
+    return cfn_events._decoder if name in CFN else schema._core
 
 
 def fixture_bytes(name: str) -> bytes:
@@ -100,7 +109,7 @@ def test_there_is_one_fixture_per_event_type() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_decodes_to_its_type_with_its_values(name: str) -> None:
-    event = decode(fixture_bytes(name))
+    event = decoder_for(name).decode(fixture_bytes(name))
     expected = EXPECTED[name]
     assert type(event) is type(expected)
     assert msgspec.structs.asdict(event) == msgspec.structs.asdict(expected)
@@ -109,7 +118,7 @@ def test_fixture_decodes_to_its_type_with_its_values(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_decodes_from_a_stream_entry_field_map(name: str) -> None:
-    event = decode_fields({FIELD: fixture_bytes(name), b"other": b"ignored"})
+    event = decoder_for(name).decode_fields({FIELD: fixture_bytes(name), b"other": b"ignored"})
     assert event == EXPECTED[name]
 
 
@@ -118,7 +127,7 @@ def test_unknown_fields_of_a_newer_writer_are_ignored(name: str) -> None:
     obj = fixture_object(name)
     obj["added_in_v7"] = {"anything": [1, 2, 3]}
     obj["zz_flag"] = True
-    event = decode(json.dumps(obj).encode())
+    event = decoder_for(name).decode(json.dumps(obj).encode())
     assert event == EXPECTED[name]
 
 
@@ -126,7 +135,7 @@ def test_unknown_fields_of_a_newer_writer_are_ignored(name: str) -> None:
 def test_a_higher_schema_version_is_not_rejected(name: str) -> None:
     obj = fixture_object(name)
     obj["v"] = 2
-    event = decode(json.dumps(obj).encode())
+    event = decoder_for(name).decode(json.dumps(obj).encode())
     assert type(event) is type(EXPECTED[name])
     assert event.v == 2
     assert msgspec.structs.replace(event, v=1) == EXPECTED[name]
@@ -148,8 +157,8 @@ def test_optional_fields_default_when_absent() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_round_trip_equals_the_original(name: str) -> None:
     original = EXPECTED[name]
-    assert decode(encode(original)) == original
-    assert decode_fields({FIELD: encode(original)}) == original
+    assert decoder_for(name).decode(encode(original)) == original
+    assert decoder_for(name).decode_fields({FIELD: encode(original)}) == original
 
 
 def _verdict(**changes: Any) -> bytes:
@@ -187,15 +196,49 @@ MALFORMED = {
                             b'"trace":{"traceparent":1}}'),
     "unknown outcome": (b'{"type":"blocking_ended","coordinator":"c","channel":"c",'
                         b'"iteration":1,"outcome":"exploded"}'),
+    "missing signal_id": _without("signal", "signal_id"),
+    "missing coordinator": _without("ack", "coordinator"),
+    "missing outcome": _without("blocking_ended", "outcome"),
+}
+
+
+MALFORMED_CFN = {
     "confidence above 1": _verdict(confidence=1.01),
     "confidence below 0": _verdict(confidence=-0.01),
     "confidence a string": _verdict(confidence="high"),
     "vote not PASS/FAIL": _verdict(vote="MAYBE"),
-    "missing signal_id": _without("signal", "signal_id"),
-    "missing coordinator": _without("ack", "coordinator"),
     "missing confidence": _without("verdict", "confidence"),
-    "missing outcome": _without("blocking_ended", "outcome"),
 }
+
+
+@pytest.mark.parametrize("raw", MALFORMED_CFN.values(), ids=MALFORMED_CFN.keys())
+def test_malformed_cfn_events_raise_malformed_event_not_unknown(raw: bytes) -> None:
+    with pytest.raises(MalformedEvent) as caught:
+        cfn_events.decode(raw)
+    assert not isinstance(caught.value, UnknownEvent)
+    assert caught.value.reason
+
+
+def test_an_unknown_type_of_a_newer_writer_is_an_unknown_event_not_poison() -> None:
+    """Rule 3: an event type a newer writer added is skipped by older readers, not
+    dead-lettered: it decodes as UnknownEvent (a MalformedEvent, for readers that predate it),
+    and keeps its fields."""
+    fields = {FIELD: b'{"type":"teleport","v":3,"coordinator":"c"}'}
+    with pytest.raises(UnknownEvent) as caught:
+        decode_fields(fields)
+    assert (caught.value.event_type, caught.value.fields) == ("teleport", fields)
+    # The core's events are unknown to the CFN decoder, and the CFN's to the core's.
+    with pytest.raises(UnknownEvent):
+        decode(fixture_bytes("verdict"))
+    with pytest.raises(UnknownEvent):
+        cfn_events.decode(fixture_bytes("signal"))
+
+
+@pytest.mark.parametrize("raw", [b'{"type":7}', b'{"no":"tag"}', b"[1]", b'{"type":"ack","v":"x"}'])
+def test_a_broken_event_is_malformed_not_unknown(raw: bytes) -> None:
+    with pytest.raises(MalformedEvent) as caught:
+        decode(raw)
+    assert not isinstance(caught.value, UnknownEvent)
 
 
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
@@ -229,7 +272,7 @@ def test_deeply_nested_poison_entry_is_malformed_not_a_recursion_error() -> None
 
 def test_confidence_bounds_are_inclusive() -> None:
     for confidence in (0.0, 1.0):
-        event = decode(_verdict(confidence=confidence))
+        event = cfn_events.decode(_verdict(confidence=confidence))
         assert isinstance(event, Verdict)
         assert event.confidence == confidence
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import anyio
 import anyio.lowlevel
 import pytest
 
-from streambus import AckTimeout, InvalidId, PayloadTooLarge, WaitTimeout
-from streambus.bus import Bus, Delivery
+from streambus import AckTimeout, Delivery, InvalidId, PayloadTooLarge, WaitTimeout
+from streambus.bus import Bus
 from streambus.schema import BlockingEnded, SignalReceived, decode_fields
 from tests.helpers import until_states
 
@@ -34,7 +37,7 @@ async def test_scenario_1_two_waiters_both_receive_one_signal(bus: Bus) -> None:
         assert results[name].signal.payload == {"ok": True}
         assert results[name].signal.sender == "coord-c"
         assert results[name].stream_id == published.stream_id
-    states = {row["coordinator"]: row["state"] for row in await bus.status("s1")}
+    states = {row.coordinator: row.state for row in await bus.status("s1")}
     assert states == {"coord-a": "signaled", "coord-b": "signaled"}
 
 
@@ -86,10 +89,10 @@ async def test_scenario_2_timeout_fires_on_time_and_leaves_nothing_pending(bus: 
     elapsed = anyio.current_time() - started
     assert 0.3 <= elapsed < 2.0
     [row] = await bus.status("s2")
-    assert row["state"] == "timed_out"
-    assert row["outcome"] == "timeout"
-    assert caught.value.deadline_ms == row["deadline_ms"]
-    assert row["deadline_ms"] - row["started_ms"] == 300
+    assert row.state == "timed_out"
+    assert row.outcome == "timeout"
+    assert caught.value.deadline_ms == row.deadline_ms
+    assert row.deadline_ms - row.started_ms == 300
 
 
 async def test_restarted_waiter_keeps_its_deadline_and_gets_the_signal(bus: Bus) -> None:
@@ -98,8 +101,8 @@ async def test_restarted_waiter_keeps_its_deadline_and_gets_the_signal(bus: Bus)
         await bus.wait_for("rs", "phoenix", "ch", timeout=60)
     [before] = await bus.status("rs")
     # Cancellation is recorded; a process killed outright would leave the state 'waiting'.
-    assert before["state"] == "cancelled"
-    await bus.store.begin_wait(bus.keys("rs"), "phoenix", "ch", 60_000, 0)  # as if crashed
+    assert before.state == "cancelled"
+    await bus._store.begin_wait(bus.keys("rs"), "phoenix", "ch", 60_000, 0)  # as if crashed
     [crashed] = await bus.status("rs")
     published = await bus.publish("rs", "ch", "while down")
     async with anyio.create_task_group() as tg:
@@ -110,16 +113,16 @@ async def test_restarted_waiter_keeps_its_deadline_and_gets_the_signal(bus: Bus)
 
         tg.start_soon(rewait)
     assert got[0].signal.signal_id == published.signal_id
-    assert got[0].iteration == crashed["iteration"]
+    assert got[0].iteration == crashed.iteration
     [after] = await bus.status("rs")
-    assert after["deadline_ms"] == crashed["deadline_ms"]
-    assert after["state"] == "signaled"
+    assert after.deadline_ms == crashed.deadline_ms
+    assert after.state == "signaled"
 
 
 async def test_lifecycle_events_record_the_wait(bus: Bus) -> None:
     await bus.publish("life", "ch", None, signal_id="s-1")
     await bus.wait_for("life", "c", "ch", timeout=5)
-    events = [decode_fields(f) for _, f in await bus.store.read_range(bus.keys("life").events)]
+    events = [decode_fields(f) for _, f in await bus._store.read_range(bus.keys("life").events)]
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["BlockingStarted", "SignalReceived", "BlockingEnded"]
     received, ended = events[1], events[2]
@@ -138,7 +141,7 @@ async def test_invalid_ids_are_rejected_before_anything_is_written(bus: Bus, bad
     with pytest.raises(InvalidId):
         await bus.wait_for("swarm", bad, "ch", timeout=1)
     assert await bus.status("swarm") == []
-    assert await bus.store.read_range(bus.keys("swarm").channel("ch")) == []
+    assert await bus._store.read_range(bus.keys("swarm").channel("ch")) == []
 
 
 async def test_oversized_and_unserialisable_payloads_are_rejected(bus: Bus) -> None:
@@ -146,7 +149,7 @@ async def test_oversized_and_unserialisable_payloads_are_rejected(bus: Bus) -> N
         await bus.publish("big", "ch", "x" * (2 * 1024 * 1024))
     with pytest.raises(ValueError, match="JSON"):
         await bus.publish("big", "ch", object())
-    assert await bus.store.read_range(bus.keys("big").channel("ch")) == []
+    assert await bus._store.read_range(bus.keys("big").channel("ch")) == []
 
 
 async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
@@ -154,7 +157,7 @@ async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
     published = await bus.publish("ttl", "ch", "x", signal_id="s-ttl")
     await bus.wait_for("ttl", "c", "ch", timeout=5)
     keys = bus.keys("ttl")
-    raw = bus.store._redis
+    raw = bus._store._redis
     day = 24 * 3600
     for key in (keys.state("c"), keys.dedupe("s-ttl"), keys.acked("s-ttl")):
         assert 0 < await raw.ttl(key) <= day, key
@@ -167,18 +170,21 @@ async def test_a_wait_cancelled_before_it_blocks_is_recorded_cancelled(
 ) -> None:
     """Cancelled after begin_wait ran but before the wait blocked (here: while it gets its
     dispatcher), the wait must not stay 'waiting' on the bus until its deadline."""
-    real = bus.dispatcher
+    dispatchers = bus._runtime.dispatchers
+    real = dispatchers.lease
     with anyio.CancelScope() as scope:
 
-        async def cancelled_meanwhile(keys: object) -> object:
+        @contextlib.asynccontextmanager
+        async def cancelled_meanwhile(keys: object) -> AsyncIterator[object]:
             scope.cancel()
             await anyio.lowlevel.checkpoint()  # the cancellation lands here
-            return await real(keys)  # type: ignore[arg-type]
+            async with real(keys) as dispatcher:  # type: ignore[arg-type]
+                yield dispatcher
 
-        monkeypatch.setattr(bus, "dispatcher", cancelled_meanwhile)
+        monkeypatch.setattr(dispatchers, "lease", cancelled_meanwhile)
         await bus.wait_for("early", "c", "ch", timeout=60)
     [row] = await bus.status("early")
-    assert row["state"] == "cancelled"
+    assert row.state == "cancelled"
 
 
 async def test_ack_wait_counts_each_coordinator_once_as_acks_arrive(bus: Bus) -> None:

@@ -48,7 +48,7 @@ def collector() -> Iterator[OtlpCollector]:
 
 
 async def signal_entry(bus: Bus, swarm: str, channel: str, stream_id: str) -> Signal:
-    entry = await bus.store.entry(bus.keys(swarm).channel(channel), stream_id)
+    entry = await bus._store.entry(bus.keys(swarm).channel(channel), stream_id)
     assert entry is not None
     event = decode_fields(entry[1])
     assert isinstance(event, Signal)
@@ -118,8 +118,8 @@ async def test_spans_of_publish_delivery_and_ack_in_server_time(
     published, deliveries, publisher = await publish_to_waiters(
         bus, "traced", ["coord-a", "coord-b"], provider.get_tracer("test"))
     assert publisher is not None
-    projection = SignalTraces(bus.store, provider, settle=3600)
-    projector = Projector(bus.store, bus.keys("traced"), projection)
+    projection = SignalTraces(bus, provider, settle=3600)
+    projector = Projector(bus._store, bus.keys("traced"), projection)
     assert await projector.catch_up() == 2
 
     # Deliver spans are exported at once; the signal span waits for its ACKs to settle.
@@ -180,8 +180,8 @@ async def test_signal_span_ends_once_acks_settle_in_server_time(
     bus: Bus, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     _, deliveries, _ = await publish_to_waiters(bus, "settle", ["a"], None)
-    projection = SignalTraces(bus.store, provider, settle=5)
-    await Projector(bus.store, bus.keys("settle"), projection).catch_up()
+    projection = SignalTraces(bus, provider, settle=5)
+    await Projector(bus._store, bus.keys("settle"), projection).catch_up()
     ack_ms = stream_id_ms(deliveries["a"].ack_id)
     assert projection.flush(ack_ms + 4999) == 0
     assert projection.flush(ack_ms + 5000) == 1
@@ -196,9 +196,9 @@ async def test_trimmed_signal_still_gets_its_spans(
     bus: Bus, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     published, _, _ = await publish_to_waiters(bus, "trimmed", ["a"], provider.get_tracer("t"))
-    await bus.store._redis.xdel(bus.keys("trimmed").channel("ch"), published.stream_id)
-    projection = SignalTraces(bus.store, provider)
-    await Projector(bus.store, bus.keys("trimmed"), projection).catch_up()
+    await bus._store._redis.xdel(bus.keys("trimmed").channel("ch"), published.stream_id)
+    projection = SignalTraces(bus, provider)
+    await Projector(bus._store, bus.keys("trimmed"), projection).catch_up()
     projection.close()
     projection.close()  # safe twice
     spans = by_name(exporter.get_finished_spans())
@@ -214,10 +214,10 @@ async def test_malformed_ack_is_skipped_and_the_projector_goes_on(
     for bad in (Ack(coordinator="a", signal_id="s", channel="no such{channel}",
                     stream_id="1-0", iteration=1),
                 Ack(coordinator="a", signal_id="s", channel="ch", stream_id="zzz", iteration=1)):
-        await bus.store._redis.xadd(keys.acks, {"e": encode(bad)})
+        await bus._store._redis.xadd(keys.acks, {"e": encode(bad)})
     await publish_to_waiters(bus, "foreign", ["a"], None)
-    projection = SignalTraces(bus.store, provider)
-    assert await Projector(bus.store, keys, projection).catch_up() == 3
+    projection = SignalTraces(bus, provider)
+    assert await Projector(bus._store, keys, projection).catch_up() == 3
     projection.close()
     assert set(by_name(exporter.get_finished_spans())) == {"signal ch", "deliver a"}
 

@@ -87,7 +87,7 @@ async def run_cleanup(session: Session, stale: int, active: int) -> dict[str, An
 
 async def _coordinators(session: Session, ids: Sequence[str], *, retry_every: int) -> None:
     """Each one begins a wait (group, state, index) and beats once (liveness index)."""
-    store, keys = session.bus.store, session.bus.keys(SWARM)
+    store, keys = session.bus._store, session.bus.keys(SWARM)  # seeding: below the API
     queue = iter(enumerate(ids))
 
     async def worker() -> None:

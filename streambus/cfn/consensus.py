@@ -51,11 +51,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 import anyio
 import msgspec
 
+from streambus.cfn.events import Verdict
 from streambus.errors import InvalidId, InvalidInput, MalformedEvent, PeerDead, WaitTimeout
 from streambus.keys import validate_id
 from streambus.liveness import Liveness
-from streambus.retries import RetrySent, request_retry
-from streambus.schema import RetryRequest, Signal, Verdict, decode_fields, stream_id_tuple
+from streambus.retries import RetrySent
+from streambus.schema import RetryRequest, Signal, decode_fields, stream_id_tuple
 
 if TYPE_CHECKING:
     from streambus.bus import Bus, Published
@@ -296,8 +297,7 @@ def retry_requests_for(
 async def send_retry_requests(bus: Bus, swarm: str, requests: Iterable[RetryRequest], *,
                               wait: float = 0.0) -> list[RetrySent]:
     """Append each request to its coordinator's retry stream (idempotent by request id)."""
-    keys = bus.keys(swarm)
-    return [await request_retry(bus.store, keys, r, wait=wait) for r in requests]
+    return [await bus.send_retry(swarm, r, wait=wait) for r in requests]
 
 
 # -- verdicts on the bus -----------------------------------------------------------------------
@@ -414,14 +414,14 @@ async def _recovered(bus: Bus, swarm: str, coordinator: str, channel: str) -> _C
     keys = bus.keys(swarm)
     collected = _Collected()
     start = "-"
-    while entries := await bus.store.read_range(keys.channel(channel), start):
+    while entries := await bus.read_entries(keys.channel(channel), start):
         for stream_id, fields in entries:
             try:
                 signal = decode_fields(fields)
             except MalformedEvent:
                 continue  # poison: the dispatcher moves it aside when the group reaches it
-            if isinstance(signal, Signal) and await bus.store.ack_id(keys, signal.signal_id,
-                                                                     coordinator):
+            if isinstance(signal, Signal) and await bus.ack_id(swarm, signal.signal_id,
+                                                               coordinator):
                 collected.add(stream_id, verdict_of(signal))
         start = f"({entries[-1][0]}"
     return collected

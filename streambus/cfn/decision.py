@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import msgspec
 
 from streambus.cfn.consensus import ConsensusResult, Thresholds, stable_id
+from streambus.cfn.events import ProductOwnerDecision
 from streambus.errors import InvalidInput
 from streambus.keys import validate_id
-from streambus.schema import ProductOwnerDecision, Signal
+from streambus.schema import Signal
 
 if TYPE_CHECKING:
     from streambus.bus import Bus, Published

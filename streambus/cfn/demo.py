@@ -110,7 +110,7 @@ class Agents:
     """The agent processes: spawned in sessions of their own, watched, and always stopped."""
 
     def __init__(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
-        self.env = dict(os.environ, STREAMBUS_REDIS_URL=bus.store.url,
+        self.env = dict(os.environ, STREAMBUS_REDIS_URL=bus.url,
                         STREAMBUS_NAMESPACE=bus.namespace)
         self.tg = tg
         self.all: list[Agent] = []
@@ -361,7 +361,7 @@ class Demo:
         self.view.log(phase, f"Loop 2  round {round_}: consensus {consensus.score:.3f} "
                              f"{'>=' if consensus.passed else '<'} "
                              f"{consensus.threshold:.2f} {consensus.status} ({votes})")
-        self.view.blocking(phase, await self.bus.status(self.swarm))
+        self.view.blocking(phase, [r.as_dict() for r in await self.bus.status(self.swarm)])
         return consensus
 
     async def _finish(self, phase: str, channels: PhaseChannels, spawned: list[Agent],
@@ -417,10 +417,9 @@ class Demo:
 
     async def _acks(self, signal_id: str, stream_id: str, agents: list[str]) -> dict[str, int]:
         """Publish -> ACK latency per agent that acknowledged, both in server time."""
-        keys = self.bus.keys(self.swarm)
         latencies = {}
         for agent in agents:
-            if ack_id := await self.bus.store.ack_id(keys, signal_id, agent):
+            if ack_id := await self.bus.ack_id(self.swarm, signal_id, agent):
                 latencies[agent] = stream_id_ms(ack_id) - stream_id_ms(stream_id)
         return latencies
 
@@ -463,7 +462,7 @@ async def run_demo(bus: Bus, options: DemoOptions | None = None) -> int:
         view.header(f"streambus demo: epic {demo.swarm}, scenario {options.scenario}, seed "
                     f"{demo.seed}, {options.coordinators} coordinators x {IMPLEMENTERS} "
                     f"implementers, {options.validators} validators, on "
-                    f"{bus.store.url_redacted} (namespace {bus.namespace})")
+                    f"{bus.url_redacted} (namespace {bus.namespace})")
         code = await demo.run()
         summary = await demo.summary(view.elapsed())
     view.summary(summary)

@@ -44,10 +44,11 @@ from streambus.cfn.consensus import (
     stable_id,
     verdict_channel,
 )
-from streambus.cli import run_interruptible
+from streambus.cfn.events import Verdict
 from streambus.errors import PeerDead, StreambusError, WaitTimeout
 from streambus.liveness import Liveness
-from streambus.schema import RetryRequest, Verdict
+from streambus.process import run_interruptible
+from streambus.schema import RetryRequest
 
 SCENARIOS: Final = ("standard", "clean", "escalate")
 ORCHESTRATOR: Final = "loop2"

@@ -100,7 +100,7 @@ class DemoView:
         while True:
             # A failed poll is tried again; the demo itself reports a lost bus.
             with contextlib.suppress(StreambusError):
-                self.rows = await bus.status(swarm)
+                self.rows = [row.as_dict() for row in await bus.status(swarm)]
             self._refresh()
             await anyio.sleep(0.25)
 

@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final
 
 from streambus.bus import Bus
+from streambus.cfn.events import EpicStarted, LoopTransition, decode_fields
+from streambus.cfn.keys import LoopKeys
 from streambus.errors import InvalidInput, StreambusError
 from streambus.keys import validate_id
-from streambus.schema import EpicStarted, LoopTransition, decode_fields, encode
+from streambus.schema import FIELD, encode
+from streambus.store import Script
 
 _EPIC_FIELD: Final = "*epic"
+_TRANSITION: Final = Script.from_file(Path(__file__).parent / "lua" / "loop_transition.lua")
+LOOP_TTL_S: Final = 7 * 24 * 3600
+"""How long an epic's loop history and state are kept after its last transition."""
 
 
 class IllegalTransition(StreambusError):
@@ -136,7 +143,7 @@ class EpicLoop:
     def __init__(self, bus: Bus, epic: str) -> None:
         self.bus = bus
         self.epic = validate_id(epic, "epic id")
-        self.keys = bus.keys(epic)
+        self.keys = LoopKeys(bus.keys(epic))
 
     def __repr__(self) -> str:
         return f"<EpicLoop {self.epic!r}>"
@@ -149,8 +156,7 @@ class EpicLoop:
             validate_id(phase, "phase id")
         raw = ",".join(phases)
         event = encode(EpicStarted(epic=self.epic, phases=phases))
-        done, current = await self.bus.store.loop_transition(self.keys, _EPIC_FIELD, "", raw,
-                                                             event)
+        done, current = await self._compare_and_set(_EPIC_FIELD, "", raw, event)
         if not done and current != raw:
             raise IllegalTransition(f"epic {self.epic!r} already started with phases {current}")
         return await self.state()
@@ -167,17 +173,24 @@ class EpicLoop:
             iteration=moved.iteration, round=moved.round, reason=reason, detail=detail))
         expected = "" if view.state == PhaseState.PENDING and view.iteration == 0 else (
             view.encoded())
-        done, current = await self.bus.store.loop_transition(self.keys, phase, expected,
-                                                             moved.encoded(), event)
+        done, current = await self._compare_and_set(phase, expected, moved.encoded(), event)
         if not done:
             raise IllegalTransition(
                 f"phase {phase!r} moved meanwhile (now {current or 'pending'}); "
                 f"{view.state} -> {target} not applied")
         return moved
 
+    async def _compare_and_set(self, field: str, expected: str, new: str, event: bytes
+                               ) -> tuple[bool, str]:
+        """Move one loop state and append its event, atomically: ``(done, id or current)``."""
+        done, value = await self.bus.run_script(
+            self.epic, _TRANSITION, [self.keys.loop_events, self.keys.loop_state],
+            [field, expected, new, event, FIELD, LOOP_TTL_S])
+        return bool(done), value.decode()
+
     async def state(self) -> EpicView:
         """The current state, from the state hash (fast)."""
-        raw = await self.bus.store.hgetall(self.keys.loop_state)
+        raw = await self.bus.read_hash(self.keys.loop_state)
         phases = raw.get(_EPIC_FIELD)
         if phases is None:
             raise InvalidInput(f"epic {self.epic!r} has not started")
@@ -190,7 +203,7 @@ class EpicLoop:
         events: list[Any] = []
         start = "-"
         while True:
-            entries = await self.bus.store.read_range(self.keys.loop_events, start)
+            entries = await self.bus.read_entries(self.keys.loop_events, start)
             events.extend(decode_fields(fields) for _, fields in entries)
             if len(entries) < 1000:
                 break
@@ -202,7 +215,7 @@ class EpicLoop:
 
     async def history(self) -> list[LoopTransition]:
         """Every transition of the epic, in order."""
-        entries = await self.bus.store.read_range(self.keys.loop_events, "-", count=100_000)
+        entries = await self.bus.read_entries(self.keys.loop_events, "-", count=100_000)
         return [e for _, f in entries if isinstance(e := decode_fields(f), LoopTransition)]
 
 

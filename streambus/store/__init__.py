@@ -10,7 +10,7 @@ retrying is decided above the store, where it is known to be safe.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,17 +21,17 @@ from streambus.store._base import (
     Durability,
     Entry,
     GroupInfo,
-    GroupMissing,
     GroupRead,
     Limits,
     Receipt,
+    Script,
     StreamInfo,
     SwarmSnapshot,
     WaitStart,
     _decode_entries,
     _Scripts,
-    _translated,
 )
+from streambus.store._errors import GroupMissing, translated
 from streambus.store.reader import BlockingReader
 from streambus.store.signals import SignalOps
 from streambus.store.upkeep import UpkeepOps
@@ -45,11 +45,11 @@ __all__ = [
     "GroupRead",
     "Limits",
     "Receipt",
+    "Script",
     "Store",
     "StreamInfo",
     "SwarmSnapshot",
     "WaitStart",
-    "open_store",
 ]
 
 
@@ -102,35 +102,25 @@ class Store(SignalOps, UpkeepOps):
 
 
     async def ping(self) -> None:
-        with _translated():
+        with translated():
             await self._redis.ping()
 
-    async def server_info(self) -> dict[str, str]:
-        with _translated():
-            info = await self._redis.info("server")
-        return {k: str(v) for k, v in info.items()}
+    async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run an application's script on keys of one slot; errors translated."""
+        with translated():
+            return await self._scripts.call(script, keys=keys, args=args)
 
     async def unblock(self, client_id: int) -> bool:
         """Interrupt a client blocked in ``XREAD`` (it returns as if timed out)."""
-        with _translated():
+        with translated():
             return bool(await self._redis.client_unblock(client_id))
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        with _translated():
+        with translated():
             raw = await self._redis.hgetall(key)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def read_range(self, stream: str, start: str = "-", count: int = 1000) -> list[Entry]:
-        with _translated():
+        with translated():
             raw = await self._redis.xrange(stream, min=start, count=count)
         return _decode_entries(raw)
-
-
-
-@contextlib.asynccontextmanager
-async def open_store(url: str, *, limits: Limits | None = None) -> AsyncIterator[Store]:
-    store = Store(url, limits=limits or Limits())
-    try:
-        yield store
-    finally:
-        await store.aclose()

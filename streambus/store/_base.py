@@ -2,63 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import redis.exceptions as rex
 
-from streambus.errors import BusUnavailable, DurabilityNotReached, StreambusError
+from streambus.errors import DurabilityNotReached
 from streambus.keys import SwarmKeys
+from streambus.store._errors import translate, translated
 
 log = logging.getLogger("streambus.store")
 
 _LUA_DIR: Final = Path(__file__).parent.parent / "lua"
 Entry = tuple[str, dict[bytes, bytes] | None]
 """A stream entry: its id and its fields (``None`` when the entry was trimmed while pending)."""
-
-
-class GroupMissing(StreambusError):
-    """A consumer group (or its stream) is gone: deleted, or lost in a restart without AOF."""
-
-
-class _Unblocked(StreambusError):
-    """A blocking read was interrupted with ``CLIENT UNBLOCK``."""
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """Translate redis-py exceptions into streambus's own. The only place that does so."""
-    try:
-        yield
-    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-        raise BusUnavailable(f"Redis unreachable: {exc}") from exc
-    except rex.ResponseError as exc:
-        raise _translate_response(exc) from exc
-
-
-_NOT_READY: Final = (rex.BusyLoadingError, rex.ReadOnlyError, rex.TryAgainError,
-                     rex.MasterDownError, rex.ClusterDownError)
-
-
-def _translate_response(exc: rex.ResponseError) -> StreambusError:
-    # redis-py strips the error code from the errors it maps to classes (LOADING, OOM, ...),
-    # so those are told apart by class; the rest by their code.
-    message = str(exc)
-    if isinstance(exc, _NOT_READY):
-        return BusUnavailable(f"Redis not ready: {message}")
-    if isinstance(exc, rex.OutOfMemoryError):
-        # Transient by design: TTLs expire and trims run, so callers retry within budgets.
-        return BusUnavailable(f"Redis out of memory (maxmemory reached): {message}")
-    if message.startswith("NOGROUP"):
-        return GroupMissing(message)
-    if message.startswith("UNBLOCKED"):
-        return _Unblocked(message)
-    return StreambusError(f"Redis error: {message}")
 
 
 def _decode_entries(raw: Any) -> list[Entry]:
@@ -152,20 +113,12 @@ def _check_durability(level: Durability, reply: Any, stream_id: str) -> None:
             f"signal {stream_id} was appended, but durability {level!r} is unavailable: {reply}"
         )
     if isinstance(reply, BaseException):
-        raise _as_streambus(reply)
+        raise translate(reply)
     confirmed = int(reply[0]) if level == "fsync" else int(reply)
     if confirmed < 1:
         raise DurabilityNotReached(
             f"signal {stream_id} was appended, but not confirmed {level} in time"
         )
-
-
-def _as_streambus(exc: BaseException) -> BaseException:
-    if isinstance(exc, rex.ResponseError):
-        return _translate_response(exc)
-    if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
-        return BusUnavailable(f"Redis unreachable: {exc}")
-    return exc
 
 
 _T = TypeVar("_T")
@@ -180,7 +133,7 @@ def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
 def _scripted_read(reply: Any) -> list[Entry] | BaseException:
     """One read of the deliver script: ``[]``, ``[[stream, entries]]`` or ``['ERR', message]``."""
     if reply and reply[0] == b"ERR":
-        return _translate_response(rex.ResponseError(reply[1].decode()))
+        return translate(rex.ResponseError(reply[1].decode()))
     if not reply:
         return []
     return [(entry_id.decode(), _field_map(flat)) for entry_id, flat in reply[0][1]]
@@ -192,9 +145,26 @@ def _field_map(flat: Any) -> dict[bytes, bytes] | None:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script run by ``EVALSHA``. The core's live in ``streambus/lua/``; an application
+    on the bus brings its own (see :meth:`streambus.Bus.run_script`)."""
+
+    name: str
+    source: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> Script:
+        return cls(path.stem, path.read_text())
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
 class _Scripts:
-    """The Lua scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
-    e.g. after a restart).
+    """The scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
+    e.g. after a restart, or on a newly promoted replica).
 
     redis-py's ``Script`` objects are not used in pipelines: there they send ``SCRIPT EXISTS``
     before every pipeline, a hidden extra round trip on the signal path.
@@ -203,17 +173,28 @@ class _Scripts:
     def __init__(self, client: Any) -> None:
         self._client = client
         # Every script in streambus/lua/, by file name: adding a script is adding its file.
-        self._source = {path.stem: path.read_text() for path in sorted(_LUA_DIR.glob("*.lua"))}
-        self._sha = {name: hashlib.sha1(text.encode()).hexdigest()
-                     for name, text in self._source.items()}
+        self._known: dict[str, Script] = {
+            path.stem: Script.from_file(path) for path in sorted(_LUA_DIR.glob("*.lua"))}
+        self._sha = {name: script.sha for name, script in self._known.items()}
 
-    async def call(self, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one script (callers translate errors)."""
+    def _script(self, script: str | Script) -> tuple[str, str]:
+        if isinstance(script, Script):
+            if script.name not in self._known:
+                self._known[script.name] = script
+                self._sha[script.name] = script.sha
+            return script.sha, script.source
+        return self._sha[script], self._known[script].source
+
+    async def call(self, script: str | Script, *, keys: Sequence[str], args: Sequence[Any]
+                   ) -> Any:
+        """Run one script (a core script by name, or an application's ``Script``); callers
+        translate errors."""
+        sha, source = self._script(script)
         try:
-            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
         except rex.NoScriptError:
-            await self._client.script_load(self._source[name])
-            return await self._client.evalsha(self._sha[name], len(keys), *keys, *args)
+            await self._client.script_load(source)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Add one script call to a pipeline being built for :meth:`pipeline`."""
@@ -230,8 +211,8 @@ class _Scripts:
                 build(pipe)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, rex.NoScriptError) for r in replies):
-                for text in self._source.values():
-                    await self._client.script_load(text)
+                for script in list(self._known.values()):
+                    await self._client.script_load(script.source)
                 continue
             return replies
         raise AssertionError("unreachable")  # pragma: no cover
@@ -246,6 +227,6 @@ class _StoreBase:
 
     async def time_ms(self) -> int:
         """Server time in ms since the epoch (``TIME``): the one clock streambus trusts."""
-        with _translated():
+        with translated():
             seconds, micros = await self._redis.time()
         return int(seconds) * 1000 + int(micros) // 1000

@@ -11,7 +11,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streambus.errors import BusUnavailable
-from streambus.store._base import Entry, _decode_entries, _translated, _Unblocked
+from streambus.store._base import Entry, _decode_entries
+from streambus.store._errors import translated
 
 
 class BlockingReader:
@@ -34,17 +35,15 @@ class BlockingReader:
 
     async def connect(self) -> int:
         """(Re)connect and learn this connection's client id, for ``CLIENT UNBLOCK``."""
-        with _translated():
+        with translated():
             self.client_id = int(await self._redis.client_id())
         return self.client_id
 
     async def read(self, cursors: Mapping[str, str]) -> dict[str, list[Entry]]:
         """Block until any stream has entries after its cursor, or the block time passes."""
         try:
-            with _translated():
+            with translated():
                 reply = await self._redis.xread(dict(cursors), block=self.block_ms)
-        except _Unblocked:
-            return {}
         except BusUnavailable:
             self.client_id = None
             raise
@@ -57,7 +56,7 @@ class BlockingReader:
                          count: int) -> list[Entry]:
         """``XREADGROUP``: the consumer's pending entries, or new ones blocking up to BLOCK."""
         try:
-            with _translated():
+            with translated():
                 reply = await self._redis.xreadgroup(
                     group, consumer, {stream: "0" if pending else ">"}, count=count,
                     block=None if pending else self.block_ms)
@@ -74,7 +73,7 @@ class BlockingReader:
         if not streams:
             return {}
         try:
-            with _translated():
+            with translated():
                 reply = await self._redis.xreadgroup(
                     group, consumer, dict.fromkeys(streams, "0" if pending else ">"),
                     count=count, block=self.block_ms if block and not pending else None)

@@ -16,14 +16,13 @@ from streambus.store._base import (
     Receipt,
     SwarmSnapshot,
     WaitStart,
-    _as_streambus,
     _check_durability,
     _chunks,
     _decode_entries,
     _scripted_read,
     _StoreBase,
-    _translated,
 )
+from streambus.store._errors import translate, translated
 
 
 class SignalOps(_StoreBase):
@@ -32,7 +31,7 @@ class SignalOps(_StoreBase):
     async def swarm_snapshot(self, keys: SwarmKeys) -> SwarmSnapshot:
         """Server time, every coordinator's state hash, last beat and retry backlog: two
         round trips, whatever the number of coordinators."""
-        with _translated():
+        with translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.time()
                 pipe.zrange(keys.coordinators, 0, -1)
@@ -56,7 +55,7 @@ class SignalOps(_StoreBase):
         """The acks stream's last id, then who acknowledged ``signal_id`` (probe first): every
         coordinator, or only those of ``coordinators`` (the ones still awaited, so a sender
         waiting for 10,000 ACKs does not re-read those it already has on every wake)."""
-        with _translated():
+        with translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xrevrange(keys.acks, count=1)
                 if coordinators is None:
@@ -87,11 +86,11 @@ class SignalOps(_StoreBase):
             elif durability == "replicated":
                 pipe.execute_command("WAIT", 1, durability_timeout_ms)
 
-        with _translated():
+        with translated():
             replies = await self._scripts.pipeline(build)
         published = replies[0]
         if isinstance(published, BaseException):
-            raise _as_streambus(published)
+            raise translate(published)
         dup, stream_id = published
         if durability != "none":
             _check_durability(durability, replies[1], stream_id.decode())
@@ -102,7 +101,7 @@ class SignalOps(_StoreBase):
         watches: Sequence[str] = (),
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
-        with _translated():
+        with translated():
             reply = await self._scripts.call(
                 "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
                                     keys.coordinators],
@@ -116,14 +115,14 @@ class SignalOps(_StoreBase):
 
     async def entry(self, stream: str, stream_id: str) -> Entry | None:
         """One entry by id, or ``None`` if it is gone (trimmed)."""
-        with _translated():
+        with translated():
             raw = await self._redis.xrange(stream, min=stream_id, max=stream_id, count=1)
         entries = _decode_entries(raw)
         return entries[0] if entries else None
 
     async def ack_id(self, keys: SwarmKeys, signal_id: str, coordinator: str) -> str:
         """The id of ``coordinator``'s Ack of ``signal_id`` (``""`` if it has none)."""
-        with _translated():
+        with translated():
             raw = await self._redis.hget(keys.acked(signal_id), coordinator)
         return raw.decode() if raw else ""
 
@@ -137,7 +136,7 @@ class SignalOps(_StoreBase):
         ended_event: bytes,
     ) -> bool:
         """Record how a wait ended, if it is still the open wait. False: already ended."""
-        with _translated():
+        with translated():
             changed = await self._scripts.call(
                 "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
                 args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
@@ -166,7 +165,7 @@ class SignalOps(_StoreBase):
             }
 
         chunks = _chunks(receipts)
-        with _translated():
+        with translated():
             if len(chunks) == 1:  # the common case, without a pipeline's overhead
                 try:
                     replies: list[Any] = [await self._scripts.call("receive",
@@ -182,7 +181,7 @@ class SignalOps(_StoreBase):
         out: list[str | BaseException] = []
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, BaseException):
-                out.extend([_as_streambus(reply)] * len(chunk))
+                out.extend([translate(reply)] * len(chunk))
             else:
                 out.extend(ack_id.decode() for ack_id in reply)
         return out
@@ -206,17 +205,17 @@ class SignalOps(_StoreBase):
                     args=[a for read in chunk
                           for a in (read.group, "0" if read.pending else ">")])
 
-        with _translated():
+        with translated():
             replies = await self._scripts.pipeline(build)
         last_ids = []
         for reply in replies[: len(probes)]:
             if isinstance(reply, Exception):
-                raise _as_streambus(reply)
+                raise translate(reply)
             last_ids.append(reply[0][0].decode() if reply else "0-0")
         reads_out: list[list[Entry] | BaseException] = []
         for chunk, reply in zip(_chunks(reads), replies[len(probes):], strict=True):
             if isinstance(reply, BaseException):
-                reads_out.extend([_as_streambus(reply)] * len(chunk))
+                reads_out.extend([translate(reply)] * len(chunk))
             else:
                 reads_out.extend(_scripted_read(one) for one in reply)
         return last_ids, reads_out

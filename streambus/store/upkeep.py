@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, cast
-
-import redis.exceptions as rex
 
 from streambus.keys import SwarmKeys
 from streambus.schema import FIELD, stream_id_tuple
@@ -13,12 +12,11 @@ from streambus.store._base import (
     Entry,
     GroupInfo,
     StreamInfo,
-    _as_streambus,
     _chunks,
     _decode_entries,
     _StoreBase,
-    _translated,
 )
+from streambus.store._errors import GroupExists, KeyMissing, translate, translated
 
 
 class UpkeepOps(_StoreBase):
@@ -26,23 +24,19 @@ class UpkeepOps(_StoreBase):
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create ``group`` at the start of ``stream`` (and the stream) unless it exists."""
-        with _translated():
-            try:
-                await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
-            except rex.ResponseError as exc:
-                if not str(exc).startswith("BUSYGROUP"):
-                    raise
+        with contextlib.suppress(GroupExists), translated():
+            await self._redis.xgroup_create(stream, group, id="0", mkstream=True)
 
     async def reset_group(self, stream: str, group: str) -> None:
         """Drop ``group`` (its position and pending entries) and create it again at 0."""
-        with _translated():
+        with translated():
             await self._redis.xgroup_destroy(stream, group)
         await self.ensure_group(stream, group)
 
     async def retire_consumer(self, stream: str, group: str, consumer: str) -> bool:
         """Delete ``consumer`` from ``group`` if it holds no pending entries (deleting it
         would drop them); True if it was deleted."""
-        with _translated():
+        with translated():
             held = await self._redis.xpending_range(stream, group, min="-", max="+", count=1,
                                                     consumername=consumer)
             if held:
@@ -52,14 +46,14 @@ class UpkeepOps(_StoreBase):
 
     async def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
-            with _translated():
+            with translated():
                 await self._redis.xack(stream, group, *ids)
 
     async def coordinator_census(self, keys: SwarmKeys) -> dict[tuple[str, str], int]:
         """How many coordinators the swarm's index lists per ``(state, channel)`` of their
         state hashes: the index, then one pipelined round trip of script calls (counted on
         the server, a chunk of coordinators per call)."""
-        with _translated():
+        with translated():
             ids = await self._redis.zrange(keys.coordinators, 0, -1)
             states = [keys.state(coordinator.decode()) for coordinator in ids]
 
@@ -71,7 +65,7 @@ class UpkeepOps(_StoreBase):
         counts: dict[tuple[str, str], int] = {}
         for reply in replies:
             if isinstance(reply, BaseException):
-                raise _as_streambus(reply)
+                raise translate(reply)
             for state, channel, n in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
                 key = (state.decode(), channel.decode())
                 counts[key] = counts.get(key, 0) + int(n)
@@ -80,7 +74,7 @@ class UpkeepOps(_StoreBase):
     async def stream_info(self, streams: Sequence[str]) -> dict[str, StreamInfo]:
         """``XLEN`` and ``XINFO GROUPS`` of each stream in one round trip (a missing stream:
         length 0, no groups)."""
-        with _translated():
+        with translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for stream in streams:
                     pipe.xlen(stream)
@@ -88,11 +82,11 @@ class UpkeepOps(_StoreBase):
                 replies = await pipe.execute(raise_on_error=False)
         out: dict[str, StreamInfo] = {}
         for stream, length, groups in zip(streams, replies[::2], replies[1::2], strict=True):
-            if isinstance(groups, rex.ResponseError) and "no such key" in str(groups):
+            if isinstance(groups, BaseException) and isinstance(translate(groups), KeyMissing):
                 groups = []
             for reply in (length, groups):
                 if isinstance(reply, BaseException):
-                    raise _as_streambus(reply)
+                    raise translate(reply)
             out[stream] = StreamInfo(int(length), [
                 GroupInfo(g["name"].decode(), int(g["pending"]),
                           None if g.get("lag") is None else int(g["lag"]))
@@ -108,7 +102,7 @@ class UpkeepOps(_StoreBase):
 
     async def beat_many(self, keys: SwarmKeys, beats: Sequence[tuple[str, bytes, int]]) -> int:
         """Record the heartbeats ``(coordinator, event, failures)`` of one swarm in one call."""
-        with _translated():
+        with translated():
             now = await self._scripts.call(
                 "beat", keys=[keys.heartbeats, keys.alive, keys.counters],
                 args=[self.limits.heartbeat_retention_ms, FIELD,
@@ -120,7 +114,7 @@ class UpkeepOps(_StoreBase):
         int, dict[str, int | None]
     ]:
         """Server now (ms) and each peer's last beat (ms, ``None`` if it never beat)."""
-        with _translated():
+        with translated():
             reply = await self._scripts.call("last_beats", keys=[keys.alive], args=list(peers))
         beats = {peer: (int(ms) if int(ms) >= 0 else None)
                  for peer, ms in zip(peers, reply[1:], strict=True)}
@@ -129,24 +123,15 @@ class UpkeepOps(_StoreBase):
     async def record_progress(self, keys: SwarmKeys, task: str, item: str, event: bytes
                               ) -> tuple[bool, str]:
         """Record an item of ``task`` done, once: ``(recorded_now, entry id)``."""
-        with _translated():
+        with translated():
             fresh, entry_id = await self._scripts.call(
                 "progress", keys=[keys.progress(task), keys.progress_done(task)],
                 args=[item, event, FIELD, self.limits.state_ttl_s])
         return bool(fresh), entry_id.decode()
 
-    async def loop_transition(self, keys: SwarmKeys, field: str, expected: str, new: str,
-                              event: bytes) -> tuple[bool, str]:
-        """Compare-and-set one loop state and append its event: ``(done, id or current)``."""
-        with _translated():
-            done, value = await self._scripts.call(
-                "loop_transition", keys=[keys.loop_events, keys.loop_state],
-                args=[field, expected, new, event, FIELD, self.limits.state_ttl_s * 7])
-        return bool(done), value.decode()
-
     async def scan(self, pattern: str, *, type_: str | None = None) -> list[str]:
         """Every key matching ``pattern`` (``SCAN``, never ``KEYS``)."""
-        with _translated():
+        with translated():
             return [key.decode() async for key in self._redis.scan_iter(
                 match=pattern, count=1000, _type=type_)]
 
@@ -154,7 +139,7 @@ class UpkeepOps(_StoreBase):
         """Coordinators whose last state change or last beat is older than the threshold."""
         now = await self.time_ms()
         cutoff = now - stale_after_ms
-        with _translated():
+        with translated():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zrangebyscore(keys.coordinators, "-inf", f"({cutoff}")
                 pipe.zrangebyscore(keys.alive, "-inf", f"({cutoff}")
@@ -169,7 +154,7 @@ class UpkeepOps(_StoreBase):
         removed: list[str] = []
         groups = retries = 0
         for chunk in _chunks(candidates):
-            with _translated():
+            with translated():
                 reply = await self._scripts.call(
                     "cleanup",
                     keys=[keys.coordinators, keys.alive, keys.reported_dead, keys.retry_backlog,
@@ -185,7 +170,7 @@ class UpkeepOps(_StoreBase):
     async def report_dead(self, keys: SwarmKeys, dead_after_ms: int, limit: int = 1000
                           ) -> list[str]:
         """Append ``CoordinatorDead`` for each newly lapsed coordinator; return their ids."""
-        with _translated():
+        with translated():
             reply = await self._scripts.call(
                 "report_dead", keys=[keys.alive, keys.reported_dead, keys.events],
                 args=[dead_after_ms, FIELD, self.limits.events_maxlen, limit])
@@ -194,7 +179,7 @@ class UpkeepOps(_StoreBase):
     async def request_retry(self, keys: SwarmKeys, coordinator: str, request_id: str,
                             event: bytes, backlog_limit: int) -> tuple[int, str]:
         """Append a retry request: ``(0, id)`` new, ``(1, id)`` duplicate, ``(2, backlog)`` full."""
-        with _translated():
+        with translated():
             status, value = await self._scripts.call(
                 "retry_request", keys=[keys.retry_dedupe(request_id), keys.retries(coordinator),
                       keys.retry_backlog],
@@ -206,7 +191,7 @@ class UpkeepOps(_StoreBase):
         """Acknowledge processed retry requests and shrink the backlog by as many."""
         if not ids:
             return 0
-        with _translated():
+        with translated():
             return int(await self._scripts.call(
                 "retry_done", keys=[keys.retries(coordinator), keys.retry_backlog],
                 args=[coordinator, *ids]))
@@ -216,7 +201,7 @@ class UpkeepOps(_StoreBase):
         """How many times each pending entry was delivered (``XPENDING`` extended form)."""
         if not ids:
             return {}
-        with _translated():
+        with translated():
             rows = await self._redis.xpending_range(
                 stream, group, min=min(ids, key=stream_id_tuple),
                 max=max(ids, key=stream_id_tuple), count=len(ids) * 2, consumername=consumer)
@@ -227,7 +212,7 @@ class UpkeepOps(_StoreBase):
         """Move entries idle past ``min_idle_ms`` on any consumer of ``group`` to ``consumer``."""
         claimed: list[Entry] = []
         cursor = "0-0"
-        with _translated():
+        with translated():
             while True:
                 reply = await self._redis.xautoclaim(stream, group, consumer, min_idle_ms,
                                                      start_id=cursor, count=count)
@@ -235,6 +220,18 @@ class UpkeepOps(_StoreBase):
                 claimed.extend(_decode_entries(reply[1]))
                 if cursor == "0-0":
                     return claimed
+
+    async def skip_unknown(self, keys: SwarmKeys, source: str, group: str, entry_id: str, *,
+                           ack: bool = True) -> None:
+        """Count an event of a type this reader does not know (a newer writer's) in the
+        swarm's ``unknown_events`` counter, and acknowledge it at the source (unless ``ack`` is
+        false: the caller acknowledges it with other bookkeeping). Schema rule 3."""
+        with translated():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(keys.counters, "unknown_events", 1)
+                if ack:
+                    pipe.xack(source, group, entry_id)
+                await pipe.execute()
 
     async def dead_letter(
         self, keys: SwarmKeys, source: str, group: str, entry: Entry, reason: str, *,
@@ -248,7 +245,7 @@ class UpkeepOps(_StoreBase):
         }
         for name, value in (fields or {}).items():
             record[b"orig." + name] = value
-        with _translated():
+        with translated():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(keys.dead_letters, cast(Any, record), maxlen=self.limits.events_maxlen,
                           approximate=True)
