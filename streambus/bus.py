@@ -328,11 +328,16 @@ async def connect(
     *,
     namespace: str | None = None,
     limits: Limits | None = None,
-    **options: Any,
+    publish_retry_budget_s: float = 10.0,
+    block_ms: int = 2000,
+    dispatcher_idle_s: float = 30.0,
 ) -> AsyncIterator[Bus]:
     """Connect to the bus at ``redis_url`` (or ``STREAMBUS_REDIS_URL``, or the embedded server).
 
-    ``options`` go to :class:`Bus` (``publish_retry_budget_s``, ``block_ms``).
+    ``publish_retry_budget_s``: how long an idempotent write (a publish, the start of a wait)
+    retries a lost connection. ``block_ms``: how long one blocking read waits on the server
+    before it is renewed (keep it well under the 5 s socket timeout). ``dispatcher_idle_s``:
+    a swarm's dispatcher (a task and a connection) is retired after this long without waiters.
     """
     settings = Settings.resolve(redis_url, namespace)
     url = settings.redis_url
@@ -343,7 +348,8 @@ async def connect(
     store = Store(url, limits=limits or Limits())
     try:
         await store.ping()
-        bus = Bus(store, settings.namespace, **options)
+        bus = Bus(store, settings.namespace, publish_retry_budget_s=publish_retry_budget_s,
+                  block_ms=block_ms, dispatcher_idle_s=dispatcher_idle_s)
     except BaseException:
         await store.aclose()
         raise

@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 
 from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S
-from streambus.dispatch import Dispatcher, Received, Waiter
+from streambus.dispatch import Dispatcher
 from streambus.errors import (
     BusUnavailable,
     InvalidInput,
@@ -45,6 +45,7 @@ from streambus.schema import (
 )
 from streambus.store import WaitStart
 from streambus.tracing import trace_id_of
+from streambus.waiter import Received, Waiter
 
 log = logging.getLogger("streambus")
 

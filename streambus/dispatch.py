@@ -23,10 +23,8 @@ only adds it, withdraws it and reads its :data:`Outcome`.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import anyio
@@ -37,6 +35,7 @@ from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, Unk
 from streambus.keys import SwarmKeys
 from streambus.schema import Signal, decode_fields, stream_id_tuple
 from streambus.store import Entry, GroupMissing, GroupRead, Receipt
+from streambus.waiter import Outcome, Received, Waiter, WaiterState
 
 log = logging.getLogger(__name__)
 
@@ -81,69 +80,6 @@ class DispatchStore(Protocol):
                            ack: bool = True) -> None: ...
 
     async def unblock(self, client_id: int) -> bool: ...
-
-
-class WaiterState(enum.Enum):
-    """Where a waiter is in its life. Only the dispatcher moves it."""
-
-    QUEUED = "queued"
-    """Served: it reads when its stream grows (or when it was just added)."""
-    DELIVERING = "delivering"
-    """A read or a receipt for it is in flight."""
-    ABANDONED = "abandoned"
-    """Its coordinator was cancelled while a delivery was in flight: whatever that read
-    returns stays in the PEL for the coordinator's next wait."""
-    WITHDRAWN = "withdrawn"
-    """Its coordinator gave up with nothing in flight; nothing more is read for it."""
-    SETTLED = "settled"
-    """It has its outcome."""
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A signal delivered to a waiter and acknowledged (the receive script's reply came)."""
-
-    signal: Signal
-    stream_id: str
-    ack_id: str
-
-
-Outcome = Received | BaseException | None
-"""How a wait ended for the dispatcher: received, an error, or nothing (deadline/cancel)."""
-
-
-@dataclass(eq=False)
-class Waiter:
-    """One coordinator's open wait for one signal on one channel."""
-
-    keys: SwarmKeys
-    coordinator: str
-    channel: str
-    stream: str
-    iteration: int
-    reconnect_budget_s: float = 300.0
-    started_ms: int = 0
-    """When the wait began (server ms), carried by the lifecycle events it ends with."""
-    state: WaiterState = WaiterState.QUEUED
-    outcome: Outcome = None
-    read_pending: bool = True
-    """The next read is of the waiter's own PEL (``ID 0``), not of new entries."""
-    unconfirmed: Receipt | None = None
-    """A receipt sent whose reply never came: it may have been applied. Sent again (the
-    receive script is idempotent) before anything new is read for this waiter."""
-    deferred: BaseException | None = None
-    """An error (a dead peer) to end the wait with once the delivery in flight lands."""
-    settled: anyio.Event = field(default_factory=anyio.Event)
-
-    def __repr__(self) -> str:
-        return (f"<Waiter {self.coordinator!r} on {self.keys.swarm}/{self.channel} "
-                f"iteration={self.iteration} {self.state.value}>")
-
-    def receipt(self, signal: Signal, stream_id: str) -> Receipt:
-        """What the ``receive`` script records when this waiter takes ``signal``."""
-        return Receipt(keys=self.keys, coordinator=self.coordinator, channel=self.channel,
-                       stream_id=stream_id, signal_id=signal.signal_id,
-                       iteration=self.iteration, started_ms=self.started_ms)
 
 
 class Dispatcher:

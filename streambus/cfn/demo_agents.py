@@ -53,7 +53,6 @@ from streambus.schema import RetryRequest
 SCENARIOS: Final = ("standard", "clean", "escalate")
 ORCHESTRATOR: Final = "loop2"
 """The demo process's coordinator id: it collects Loop 3 reports and Loop 2 verdicts."""
-PRODUCT_OWNER: Final = "product-owner"
 IMPLEMENTERS: Final = 4
 """Simulated implementers per Loop 3 coordinator."""
 VALIDATOR_TYPES: Final = ("reviewer", "security-specialist", "tester", "analyst")

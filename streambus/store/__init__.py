@@ -91,10 +91,9 @@ class Store(SignalOps, UpkeepOps):
         if self._closed:
             return
         self._closed = True
+        # The client owns its pool (``from_pool``): closing the client closes the pool, once.
         with contextlib.suppress(Exception):
             await self._redis.aclose()
-        with contextlib.suppress(Exception):
-            await self._pool.aclose()
 
     def blocking_reader(self, *, block_ms: int) -> BlockingReader:
         """A reader with a connection of its own, for ``XREAD BLOCK``."""
