@@ -165,19 +165,12 @@ class StreambusWaiters(Waiters):
     def armed(self) -> bool:
         """Every waiter registered with the dispatcher, served, and the dispatcher blocked.
 
-        Peeks at the dispatcher's internals (not measured; falls back to True if they change:
-        the parent also waits until the server counts the dispatcher's read as blocked).
+        Reads the process's dispatcher (not measured; the parent also waits until the server
+        counts the dispatcher's read as blocked).
         """
-        dispatcher = getattr(self.bus, "_dispatchers", {}).get(self.names.swarm)
-        if dispatcher is None:
-            return False
-        by_stream = getattr(dispatcher, "_by_stream", None)
-        if by_stream is None:
-            return True
-        registered = sum(len(watchers) for watchers in by_stream.values())
-        return (registered >= len(self.coordinators) and not getattr(dispatcher, "_dirty", ())
-                and not getattr(dispatcher, "_unprobed", ())
-                and bool(getattr(dispatcher, "_blocked", True)))
+        dispatcher = self.bus._runtime.dispatchers.get(self.names.swarm)
+        return (dispatcher is not None and dispatcher.waiters >= len(self.coordinators)
+                and dispatcher.quiescent)
 
     async def _receive_one(self, coordinator: str, round_: int, timeout: float,
                            result: RoundResult) -> None:

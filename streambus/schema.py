@@ -9,6 +9,9 @@ them):
 1. A new field must have a default, so entries written before it still decode.
 2. A field never changes type and is never renamed; retire it by leaving it unused.
 3. Decoders ignore fields they do not know, so an older reader accepts a newer writer's entry.
+   An event whose *type* a reader does not know decodes as :class:`UnknownEvent`: readers
+   acknowledge it, count it (the swarm's ``unknown_events`` counter) and go on; it is not
+   poison and is never dead-lettered.
 4. ``v`` is bumped when the meaning of an event changes; readers never reject a higher ``v``.
 5. A ``type`` tag is never reused for a different event.
 
