@@ -229,7 +229,8 @@ class Bus(Views):
         """
         keys = self.keys(swarm)
         wanted = list(dict.fromkeys(validate_id(c, "coordinator id") for c in coordinators))
-        reader = self._store.blocking_reader(block_ms=min(self.block_ms, 1000))
+        reader = self._store.blocking_reader(block_ms=min(self.block_ms, 1000),
+                                              route=keys.acks)
         acked: dict[str, str] = {}
         try:
             with anyio.move_on_after(timeout):

@@ -9,6 +9,7 @@ from typing import Final
 
 from streambus.errors import InvalidInput
 from streambus.keys import validate_id
+from streambus.store.urls import parse_url
 
 ENV_URL: Final = "STREAMBUS_REDIS_URL"
 ENV_NAMESPACE: Final = "STREAMBUS_NAMESPACE"
@@ -42,6 +43,6 @@ class Settings:
         """Arguments first, then ``STREAMBUS_REDIS_URL`` / ``STREAMBUS_NAMESPACE``."""
         url = redis_url or os.environ.get(ENV_URL) or None
         ns = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
-        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidInput(f"invalid Redis URL {url!r}: expected redis://host:port[/db]")
+        if url is not None:
+            parse_url(url)  # a malformed URL is one line (exit 64) before anything connects
         return cls(redis_url=url, namespace=validate_id(ns, "namespace"))

@@ -64,7 +64,7 @@ class DispatchStore(Protocol):
     """Exactly what a dispatcher asks of the store (:class:`streambus.store.Store`), so that a
     scripted fake can play the races a real server cannot time (``tests/fakes.py``)."""
 
-    def blocking_reader(self, *, block_ms: int) -> Reader: ...
+    def blocking_reader(self, *, block_ms: int, route: str = "") -> Reader: ...
 
     async def read_groups(self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
                           ) -> tuple[list[str], list[list[Entry] | BaseException]]: ...
@@ -79,7 +79,7 @@ class DispatchStore(Protocol):
     async def skip_unknown(self, keys: SwarmKeys, source: str, group: str, entry_id: str, *,
                            ack: bool = True) -> None: ...
 
-    async def unblock(self, client_id: int) -> bool: ...
+    async def unblock(self, client_id: int, route: str = "") -> bool: ...
 
 
 class Dispatcher:
@@ -88,7 +88,7 @@ class Dispatcher:
     def __init__(self, store: DispatchStore, keys: SwarmKeys, *, block_ms: int = 2000) -> None:
         self._store = store
         self.keys = keys
-        self._reader: Reader = store.blocking_reader(block_ms=block_ms)
+        self._reader: Reader = store.blocking_reader(block_ms=block_ms, route=keys.prefix)
         self._by_stream: dict[str, set[Waiter]] = {}
         self._cursors: dict[str, str] = {}
         self._unprobed: set[str] = set()
@@ -441,7 +441,7 @@ class Dispatcher:
                 client_id = self._reader.client_id
                 if not self._blocked or client_id is None:
                     return
-                if await self._store.unblock(client_id):
+                if await self._store.unblock(client_id, self.keys.prefix):
                     return
                 await anyio.sleep(0.001)
         except StreambusError as exc:

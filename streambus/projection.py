@@ -82,7 +82,7 @@ class Projector:
         without persistence) are created again. Entries stranded on dead instances are claimed
         every ``claim_idle``. On the way out the consumer removes itself if it holds nothing.
         """
-        reader = self.store.blocking_reader(block_ms=self.block_ms)
+        reader = self.store.blocking_reader(block_ms=self.block_ms, route=self.keys.prefix)
         ready, prepared_at, backoff = False, None, Backoff()
         try:
             while True:
@@ -117,7 +117,7 @@ class Projector:
     async def catch_up(self) -> int:
         """Apply every entry not yet applied (claimed, pending, then new); return how many."""
         await self._prepare()
-        reader = self.store.blocking_reader(block_ms=self.block_ms)
+        reader = self.store.blocking_reader(block_ms=self.block_ms, route=self.keys.prefix)
         total = 0
         try:
             while applied := await self._step(reader, block=False):

@@ -109,7 +109,7 @@ class RetryConsumer:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        reader = self.store.blocking_reader(block_ms=self._block_ms)
+        reader = self.store.blocking_reader(block_ms=self._block_ms, route=self.stream)
         try:
             await self._start()
             task_status.started()

@@ -158,7 +158,7 @@ class FakeStore:
         self.readers: list[FakeReader] = []
         self.dead_letters: list[tuple[str, str]] = []
 
-    def blocking_reader(self, *, block_ms: int) -> FakeReader:
+    def blocking_reader(self, *, block_ms: int, route: str = "") -> FakeReader:
         reader = FakeReader(self.server, block_ms)
         self.readers.append(reader)
         return reader
@@ -218,7 +218,7 @@ class FakeStore:
                            ack: bool = True) -> None:
         await self.dead_letter(keys, source, group, (entry_id, None), "unknown", ack=ack)
 
-    async def unblock(self, client_id: int) -> bool:
+    async def unblock(self, client_id: int, route: str = "") -> bool:
         self.server._count("unblock")
         if self.server.slow_to_block > 0:
             self.server.slow_to_block -= 1

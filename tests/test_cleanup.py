@@ -26,7 +26,7 @@ async def _coordinator(bus: Bus, swarm: str, name: str, *, beats: bool, age_ms: 
         await bus._store.end_wait(keys, name, "ch", start.iteration, "timed_out",
                                  b'{"type":"blocking_ended","outcome":"timeout"}')
     await bus.request_retry(swarm, name, reason="left behind")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     then = start.now_ms - age_ms
     if beats:
         await bus._store.beat(keys, name, encode(Heartbeat(coordinator=name)))
@@ -45,7 +45,7 @@ async def test_stale_coordinators_go_and_live_ones_stay(bus: Bus) -> None:
     await _coordinator(bus, "cl", "fresh-silent", beats=False, age_ms=0)
     # Beats decide for a beater, even if its state is old.
     await _coordinator(bus, "cl", "old-state-fresh-beat", beats=True, age_ms=HOUR_MS)
-    await bus._store._redis.zadd(bus.keys("cl").alive,
+    await bus._store.raw().zadd(bus.keys("cl").alive,
                                 {"old-state-fresh-beat": await bus._store.time_ms()})
     keys = bus.keys("cl")
     report = await cleanup(bus, swarm="cl", stale_after=600)
@@ -53,7 +53,7 @@ async def test_stale_coordinators_go_and_live_ones_stay(bus: Bus) -> None:
     assert sorted(swarm.removed) == ["dead-beater", "dead-silent", "dead-waiter"]
     assert swarm.groups_destroyed == 3
     assert swarm.retry_streams_removed == 3
-    raw = bus._store._redis
+    raw = bus._store.raw()
     survivors = {row.coordinator for row in await bus.status("cl")}
     assert survivors == {"live-beater", "fresh-silent", "old-state-fresh-beat"}
     groups = {g["name"].decode() for g in await raw.xinfo_groups(keys.channel("ch"))}

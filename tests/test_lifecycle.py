@@ -13,7 +13,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def _connections(bus: Bus) -> int:
-    return len(await bus._store._redis.client_list())
+    return len(await bus._store.raw().client_list())
 
 
 async def test_a_thousand_swarms_visited_in_turn_leave_a_bounded_number_of_connections(

@@ -143,7 +143,7 @@ async def test_state_is_rebuilt_from_the_streams_after_every_process_died(
         await worker.wait()
     loop = EpicLoop(bus, "epic-killed")
     cached = await loop.state()
-    await bus._store._redis.delete(loop.keys.loop_state)  # lose the cache too
+    await bus._store.raw().delete(loop.keys.loop_state)  # lose the cache too
     rebuilt = await loop.rebuild()
     assert rebuilt == cached
     one, two = rebuilt.phase("phase-1"), rebuilt.phase("phase-2")

@@ -121,7 +121,7 @@ async def test_a_scrape_shows_the_plans_metrics_with_true_values(bus: Bus) -> No
         for name in ("w1", "w2"):
             waits.start_soon(partial(bus.wait_for, swarm, name, "later", timeout=60))
         # A poison entry on the lifecycle stream: the metrics projector dead-letters it.
-        await bus._store._redis.xadd(keys.events, {"e": b"not json"})
+        await bus._store.raw().xadd(keys.events, {"e": b"not json"})
         # Two heartbeats fail (nothing listens there), then one gets through and reports them.
         unreachable = Store(UNREACHABLE_URL, limits=Limits())
         beater = Heartbeater(unreachable, keys, "hb-1", interval=1.0)
@@ -226,7 +226,7 @@ async def test_the_census_counts_every_coordinator_across_script_chunks(bus: Bus
         await bus._store.begin_wait(keys, f"c{n}", "ab"[n % 2], 60_000, 0)
     ended = BlockingEnded(coordinator="c0", channel="a", iteration=1, outcome=Outcome.TIMEOUT)
     assert await bus._store.end_wait(keys, "c0", "a", 1, "timed_out", encode(ended))
-    await bus._store._redis.delete(keys.state("c1"))  # expired: listed, but not counted
+    await bus._store.raw().delete(keys.state("c1"))  # expired: listed, but not counted
     assert await bus._store.coordinator_census(keys) == {
         ("waiting", "a"): 299, ("timed_out", "a"): 1, ("waiting", "b"): 299}
     assert await bus._store.coordinator_census(bus.keys("nobody")) == {}

@@ -93,7 +93,7 @@ async def test_two_instances_share_the_work_without_double_applying(bus: Bus) ->
 
 async def test_poison_is_dead_lettered_and_the_projector_goes_on(bus: Bus) -> None:
     keys = bus.keys("ppoison")
-    await bus._store._redis.xadd(keys.channel("a"), {"e": b"not json"})
+    await bus._store.raw().xadd(keys.channel("a"), {"e": b"not json"})
     await bus.publish("ppoison", "a", "fine", signal_id="fine")
     view = SignalLog()
     projector = Projector(bus._store, keys, view)
@@ -143,9 +143,9 @@ async def test_projector_survives_losing_its_group_and_retires_on_exit(bus: Bus)
         await bus.publish("regroup", "a", 1, signal_id="before")
         await _until_seen(view, "before")
         for stream in view.streams(keys):  # as a restart without persistence would
-            await bus._store._redis.xgroup_destroy(stream, projector.group)
+            await bus._store.raw().xgroup_destroy(stream, projector.group)
         await bus.publish("regroup", "a", 2, signal_id="after")
         await _until_seen(view, "after")
         tg.cancel_scope.cancel()
-    consumers = await bus._store._redis.xinfo_consumers(keys.channel("a"), projector.group)
+    consumers = await bus._store.raw().xinfo_consumers(keys.channel("a"), projector.group)
     assert [c["name"] for c in consumers] == []  # it held nothing, so it removed itself

@@ -59,7 +59,7 @@ async def test_entry_delivered_but_never_acknowledged_is_delivered_again(bus: Bu
     keys = bus.keys("pel")
     published = await bus.publish("pel", "ch", "lost reply")
     await bus._store.ensure_group(keys.channel("ch"), "c")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     await raw.xreadgroup("c", "c", {keys.channel("ch"): ">"}, count=1)  # delivered, never acked
     delivery = await bus.wait_for("pel", "c", "ch", timeout=5)
     assert delivery.signal.signal_id == published.signal_id
@@ -69,7 +69,7 @@ async def test_entry_delivered_but_never_acknowledged_is_delivered_again(bus: Bu
 
 async def test_poison_entries_are_dead_lettered_and_the_wait_goes_on(bus: Bus) -> None:
     keys = bus.keys("poison")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     stream = keys.channel("ch")
     await raw.xadd(stream, {"e": b"{not json"})
     await raw.xadd(stream, {"other": b"field"})
@@ -90,7 +90,7 @@ async def test_poison_entries_are_dead_lettered_and_the_wait_goes_on(bus: Bus) -
 
 async def test_entry_trimmed_while_pending_is_dead_lettered(bus: Bus) -> None:
     keys = bus.keys("nil")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     stream = keys.channel("ch")
     doomed = await bus.publish("nil", "ch", "doomed")
     await bus._store.ensure_group(stream, "c")
@@ -112,7 +112,7 @@ async def test_group_lost_mid_wait_is_recreated(bus: Bus) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_blocked_wait, bus, "nogroup", "c", got)
         await until_states(bus, "nogroup", {"c": "waiting"})
-        await bus._store._redis.xgroup_destroy(keys.channel("ch"), "c")
+        await bus._store.raw().xgroup_destroy(keys.channel("ch"), "c")
         published = await bus.publish("nogroup", "ch", "after loss")
     assert [d.signal.signal_id for d in got] == [published.signal_id]
 
@@ -124,7 +124,7 @@ async def test_many_waiters_in_one_process_share_one_blocking_connection(bus: Bu
         for name in names:
             tg.start_soon(_blocked_wait, bus, "many", name, got)
         await until_states(bus, "many", dict.fromkeys(names, "waiting"))
-        clients_before = len(await bus._store._redis.client_list())
+        clients_before = len(await bus._store.raw().client_list())
         published = await bus.publish("many", "ch", "all", await_acks=names, ack_timeout=10)
     assert len(published.acked_by) == len(names)
     assert {d.coordinator for d in got} == set(names)
@@ -140,7 +140,7 @@ async def test_out_of_memory_is_a_clear_bus_unavailable_and_loses_nothing(
     async with streambus.connect(own_server.url, namespace=namespace,
                                  publish_retry_budget_s=0.3) as bus:
         accepted = await bus.publish("oom", "ch", "before the limit")
-        raw = bus._store._redis
+        raw = bus._store.raw()
         await raw.config_set("maxmemory-policy", "noeviction")
         await raw.config_set("maxmemory", 1)  # 1 byte: every write is refused
         with pytest.raises(streambus.BusUnavailable, match="out of memory"):

@@ -99,7 +99,7 @@ async def test_stranded_requests_of_a_dead_consumer_are_claimed_by_its_replaceme
         await bus.request_retry("strand", "c", reason=str(i))
     stream = keys.retries("c")
     await bus._store.ensure_group(stream, "c")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     await raw.xreadgroup("c", "c.dead-instance", {stream: ">"}, count=10)  # then it died
     handled: list[str] = []
     replacement = RetryConsumer(bus._store, keys, "c",

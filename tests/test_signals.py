@@ -157,7 +157,7 @@ async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
     published = await bus.publish("ttl", "ch", "x", signal_id="s-ttl")
     await bus.wait_for("ttl", "c", "ch", timeout=5)
     keys = bus.keys("ttl")
-    raw = bus._store._redis
+    raw = bus._store.raw()
     day = 24 * 3600
     for key in (keys.state("c"), keys.dedupe("s-ttl"), keys.acked("s-ttl")):
         assert 0 < await raw.ttl(key) <= day, key

@@ -196,7 +196,7 @@ async def test_trimmed_signal_still_gets_its_spans(
     bus: Bus, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     published, _, _ = await publish_to_waiters(bus, "trimmed", ["a"], provider.get_tracer("t"))
-    await bus._store._redis.xdel(bus.keys("trimmed").channel("ch"), published.stream_id)
+    await bus._store.raw().xdel(bus.keys("trimmed").channel("ch"), published.stream_id)
     projection = SignalTraces(bus, provider)
     await Projector(bus._store, bus.keys("trimmed"), projection).catch_up()
     projection.close()
@@ -214,7 +214,7 @@ async def test_malformed_ack_is_skipped_and_the_projector_goes_on(
     for bad in (Ack(coordinator="a", signal_id="s", channel="no such{channel}",
                     stream_id="1-0", iteration=1),
                 Ack(coordinator="a", signal_id="s", channel="ch", stream_id="zzz", iteration=1)):
-        await bus._store._redis.xadd(keys.acks, {"e": encode(bad)})
+        await bus._store.raw().xadd(keys.acks, {"e": encode(bad)})
     await publish_to_waiters(bus, "foreign", ["a"], None)
     projection = SignalTraces(bus, provider)
     assert await Projector(bus._store, keys, projection).catch_up() == 3

@@ -9,13 +9,8 @@ retrying is decided above the store, where it is known to be safe.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from streambus.store._base import (
     Durability,
@@ -31,14 +26,17 @@ from streambus.store._base import (
     _decode_entries,
     _Scripts,
 )
-from streambus.store._errors import GroupMissing, translated
+from streambus.store._errors import GroupMissing
+from streambus.store._nodes import nodes_for
 from streambus.store.reader import BlockingReader
 from streambus.store.signals import SignalOps
 from streambus.store.upkeep import UpkeepOps
+from streambus.store.urls import Endpoint, parse_url
 
 __all__ = [
     "BlockingReader",
     "Durability",
+    "Endpoint",
     "Entry",
     "GroupInfo",
     "GroupMissing",
@@ -50,27 +48,20 @@ __all__ = [
     "StreamInfo",
     "SwarmSnapshot",
     "WaitStart",
+    "parse_url",
 ]
 
 
 class Store(SignalOps, UpkeepOps):
-    """A connection to one Redis server, and the handful of operations streambus needs."""
+    """The handful of operations streambus needs, on one server, a Sentinel set's master or
+    a cluster's masters (see ``streambus/store/_nodes.py``)."""
 
     def __init__(self, url: str, *, limits: Limits, max_connections: int = 32) -> None:
         self.url = url
+        self.endpoint = parse_url(url)
         self.limits = limits
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,
-            socket_timeout=5.0,
-            socket_connect_timeout=2.0,
-            retry=Retry(NoBackoff(), 0),
-        )
-        # redis-py's reply types are unions too wide to be useful; replies are converted to
-        # our own types right here, so the client is typed as Any on purpose.
-        self._redis: Any = aioredis.Redis.from_pool(self._pool)
-        self._scripts = _Scripts(self._redis)
+        self._nodes = nodes_for(self.endpoint, max_connections=max_connections)
+        self._scripts = _Scripts()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -79,47 +70,53 @@ class Store(SignalOps, UpkeepOps):
     @property
     def url_redacted(self) -> str:
         """The URL with any password replaced, fit for logs and errors."""
-        scheme, sep, rest = self.url.partition("://")
-        userinfo, at, hostpart = rest.rpartition("@")
-        if not at:
-            return self.url
-        user = userinfo.partition(":")[0]
-        return f"{scheme}{sep}{user}:***@{hostpart}"
+        return self.endpoint.redacted
+
+    @property
+    def topology(self) -> str:
+        """``single``, ``sentinel`` or ``cluster``."""
+        return self.endpoint.kind
 
     async def aclose(self) -> None:
         """Close every connection. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        # The client owns its pool (``from_pool``): closing the client closes the pool, once.
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+        await self._nodes.aclose()
 
-    def blocking_reader(self, *, block_ms: int) -> BlockingReader:
-        """A reader with a connection of its own, for ``XREAD BLOCK``."""
-        return BlockingReader(self.url, block_ms=block_ms)
+    def blocking_reader(self, *, block_ms: int, route: str = "") -> BlockingReader:
+        """A reader with a connection of its own, for blocking reads of the swarm of the key
+        ``route``; it finds that swarm's master again on every reconnect."""
+        return BlockingReader(self._nodes, route, block_ms=block_ms)
 
+    def raw(self, route: str = "") -> Any:
+        """The plain redis-py client of the master serving ``route``, untranslated: for
+        tests and benchmarks that look at the server itself, never for the bus's work."""
+        return self._nodes.client(route)
 
     async def ping(self) -> None:
-        with translated():
-            await self._redis.ping()
+        """Reach every master (resolving the topology first)."""
+        for redis in await self._masters():
+            async with self._guarded():
+                await redis.ping()
 
     async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run an application's script on keys of one slot; errors translated."""
-        with translated():
-            return await self._scripts.call(script, keys=keys, args=args)
+        async with self._on(keys[0] if keys else "") as redis:
+            return await self._scripts.call(redis, script, keys=keys, args=args)
 
-    async def unblock(self, client_id: int) -> bool:
-        """Interrupt a client blocked in ``XREAD`` (it returns as if timed out)."""
-        with translated():
-            return bool(await self._redis.client_unblock(client_id))
+    async def unblock(self, client_id: int, route: str = "") -> bool:
+        """Interrupt a client blocked in ``XREAD`` on the master of ``route`` (it returns as
+        if timed out)."""
+        async with self._on(route) as redis:
+            return bool(await redis.client_unblock(client_id))
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        with translated():
-            raw = await self._redis.hgetall(key)
+        async with self._on(key) as redis:
+            raw = await redis.hgetall(key)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def read_range(self, stream: str, start: str = "-", count: int = 1000) -> list[Entry]:
-        with translated():
-            raw = await self._redis.xrange(stream, min=start, count=count)
+        async with self._on(stream) as redis:
+            raw = await redis.xrange(stream, min=start, count=count)
         return _decode_entries(raw)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import redis.exceptions as rex
 
-from streambus.errors import DurabilityNotReached
+from streambus.errors import BusUnavailable, DurabilityNotReached
 from streambus.keys import SwarmKeys
 from streambus.store._errors import translate, translated
+from streambus.store._nodes import Nodes
 
 log = logging.getLogger("streambus.store")
 
@@ -170,8 +172,7 @@ class _Scripts:
     before every pipeline, a hidden extra round trip on the signal path.
     """
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    def __init__(self) -> None:
         # Every script in streambus/lua/, by file name: adding a script is adding its file.
         self._known: dict[str, Script] = {
             path.stem: Script.from_file(path) for path in sorted(_LUA_DIR.glob("*.lua"))}
@@ -185,48 +186,77 @@ class _Scripts:
             return script.sha, script.source
         return self._sha[script], self._known[script].source
 
-    async def call(self, script: str | Script, *, keys: Sequence[str], args: Sequence[Any]
-                   ) -> Any:
-        """Run one script (a core script by name, or an application's ``Script``); callers
-        translate errors."""
+    async def call(self, client: Any, script: str | Script, *, keys: Sequence[str],
+                   args: Sequence[Any]) -> Any:
+        """Run one script (a core script by name, or an application's ``Script``) through
+        ``client``; callers translate errors."""
         sha, source = self._script(script)
         try:
-            return await self._client.evalsha(sha, len(keys), *keys, *args)
-        except rex.NoScriptError:
-            await self._client.script_load(source)
-            return await self._client.evalsha(sha, len(keys), *keys, *args)
+            return await client.evalsha(sha, len(keys), *keys, *args)
+        except rex.NoScriptError:  # a restarted server, or a newly promoted replica
+            await client.script_load(source)
+            return await client.evalsha(sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Add one script call to a pipeline being built for :meth:`pipeline`."""
         pipe.evalsha(self._sha[name], len(keys), *keys, *args)
 
-    async def pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+    async def pipeline(self, client: Any, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` queues, in one round trip; replies or exceptions.
 
         A script missing on the server did not run at all (``NOSCRIPT`` comes before
         execution), so loading the scripts and running the pipeline once more is safe.
         """
         for attempt in range(2):
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 build(pipe)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, rex.NoScriptError) for r in replies):
                 for script in list(self._known.values()):
-                    await self._client.script_load(script.source)
+                    await client.script_load(script.source)
                 continue
             return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _StoreBase:
-    """What the operation mixins share: the client, the scripts and the limits."""
+    """What the operation mixins share: the nodes, the scripts and the limits."""
 
-    _redis: Any
+    _nodes: Nodes
     _scripts: _Scripts
     limits: Limits
 
-    async def time_ms(self) -> int:
-        """Server time in ms since the epoch (``TIME``): the one clock streambus trusts."""
-        with translated():
-            seconds, micros = await self._redis.time()
+    @contextlib.asynccontextmanager
+    async def _guarded(self) -> AsyncIterator[None]:
+        """Translate errors; after one that may mean the topology changed (anything
+        :class:`BusUnavailable`), resolve it again before the next command."""
+        try:
+            with translated():
+                yield
+        except BusUnavailable:
+            self._nodes.stale()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _on(self, route: str) -> AsyncIterator[Any]:
+        """The client of the master serving the key ``route`` (any key of the swarm: they
+        share one slot), with errors translated.
+
+        redis-py's reply types are unions too wide to be useful; replies are converted to our
+        own types in the store, so the client is typed as Any on purpose.
+        """
+        async with self._guarded():
+            await self._nodes.fresh()
+            yield self._nodes.client(route)
+
+    async def _masters(self) -> list[Any]:
+        async with self._guarded():
+            await self._nodes.fresh()
+            return self._nodes.masters()
+
+    async def time_ms(self, route: str = "") -> int:
+        """Server time in ms since the epoch (``TIME``): the one clock streambus trusts. On a
+        cluster, the clock of the master serving ``route``."""
+        async with self._on(route) as redis:
+            seconds, micros = await redis.time()
         return int(seconds) * 1000 + int(micros) // 1000

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from streambus.errors import BusUnavailable
 from streambus.store._base import Entry, _decode_entries
 from streambus.store._errors import translated
+from streambus.store._nodes import Nodes
 
 
 class BlockingReader:
@@ -20,33 +17,52 @@ class BlockingReader:
 
     ``BLOCK`` stays well below the socket timeout: otherwise the client would time out first
     and drop a connection the server may still deliver on.
+
+    The connection goes to the master of ``route`` (a key of the swarm it reads). After any
+    failure it is dropped, and the next read finds that master again (Sentinel: ask the
+    sentinels; Cluster: the slot map), so a reader never stays on a demoted master.
     """
 
-    def __init__(self, url: str, *, block_ms: int) -> None:
+    def __init__(self, nodes: Nodes, route: str, *, block_ms: int) -> None:
         self.block_ms = block_ms
-        self._redis: Any = aioredis.Redis.from_url(
-            url,
-            single_connection_client=True,
-            socket_timeout=block_ms / 1000 + 1.0,
-            socket_connect_timeout=2.0,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.route = route
+        self._nodes = nodes
+        self._redis: Any = None
         self.client_id: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<BlockingReader route={self.route!r} client_id={self.client_id}>"
+
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[Any]:
+        try:
+            with translated():
+                if self._redis is None:
+                    await self._nodes.fresh()
+                    self._redis = self._nodes.open_reader(
+                        self.route, socket_timeout=self.block_ms / 1000 + 1.0)
+                yield self._redis
+        except BusUnavailable:
+            self._nodes.stale()
+            await self._drop()
+            raise
+
+    async def _drop(self) -> None:
+        redis, self._redis, self.client_id = self._redis, None, None
+        if redis is not None:
+            with contextlib.suppress(Exception):
+                await redis.aclose()
 
     async def connect(self) -> int:
         """(Re)connect and learn this connection's client id, for ``CLIENT UNBLOCK``."""
-        with translated():
-            self.client_id = int(await self._redis.client_id())
+        async with self._client() as redis:
+            self.client_id = int(await redis.client_id())
         return self.client_id
 
     async def read(self, cursors: Mapping[str, str]) -> dict[str, list[Entry]]:
         """Block until any stream has entries after its cursor, or the block time passes."""
-        try:
-            with translated():
-                reply = await self._redis.xread(dict(cursors), block=self.block_ms)
-        except BusUnavailable:
-            self.client_id = None
-            raise
+        async with self._client() as redis:
+            reply = await redis.xread(dict(cursors), block=self.block_ms)
         out: dict[str, list[Entry]] = {}
         for stream, entries in reply or ():
             out[stream.decode()] = _decode_entries(entries)
@@ -55,14 +71,10 @@ class BlockingReader:
     async def read_group(self, stream: str, group: str, consumer: str, *, pending: bool,
                          count: int) -> list[Entry]:
         """``XREADGROUP``: the consumer's pending entries, or new ones blocking up to BLOCK."""
-        try:
-            with translated():
-                reply = await self._redis.xreadgroup(
-                    group, consumer, {stream: "0" if pending else ">"}, count=count,
-                    block=None if pending else self.block_ms)
-        except BusUnavailable:
-            self.client_id = None
-            raise
+        async with self._client() as redis:
+            reply = await redis.xreadgroup(
+                group, consumer, {stream: "0" if pending else ">"}, count=count,
+                block=None if pending else self.block_ms)
         if not reply:
             return []
         return [(entry_id.decode(), fields) for entry_id, fields in reply[0][1]]
@@ -72,18 +84,13 @@ class BlockingReader:
         """``XREADGROUP`` over several streams of one slot: pending entries or new ones."""
         if not streams:
             return {}
-        try:
-            with translated():
-                reply = await self._redis.xreadgroup(
-                    group, consumer, dict.fromkeys(streams, "0" if pending else ">"),
-                    count=count, block=self.block_ms if block and not pending else None)
-        except BusUnavailable:
-            self.client_id = None
-            raise
+        async with self._client() as redis:
+            reply = await redis.xreadgroup(
+                group, consumer, dict.fromkeys(streams, "0" if pending else ">"),
+                count=count, block=self.block_ms if block and not pending else None)
         return {name.decode(): [(i.decode(), f) for i, f in entries]
                 for name, entries in reply or ()}
 
     async def aclose(self) -> None:
         """Close the connection. Safe to call twice."""
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+        await self._drop()

@@ -22,7 +22,7 @@ from streambus.store._base import (
     _scripted_read,
     _StoreBase,
 )
-from streambus.store._errors import translate, translated
+from streambus.store._errors import translate
 
 
 class SignalOps(_StoreBase):
@@ -31,14 +31,14 @@ class SignalOps(_StoreBase):
     async def swarm_snapshot(self, keys: SwarmKeys) -> SwarmSnapshot:
         """Server time, every coordinator's state hash, last beat and retry backlog: two
         round trips, whatever the number of coordinators."""
-        with translated():
-            async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._on(keys.prefix) as redis:
+            async with redis.pipeline(transaction=False) as pipe:
                 pipe.time()
                 pipe.zrange(keys.coordinators, 0, -1)
                 pipe.zrange(keys.alive, 0, -1, withscores=True)
                 pipe.hgetall(keys.retry_backlog)
                 (seconds, micros), ids, beats, backlog = await pipe.execute()
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with redis.pipeline(transaction=False) as pipe:
                 for coordinator in ids:
                     pipe.hgetall(keys.state(coordinator.decode()))
                 rows = await pipe.execute()
@@ -55,14 +55,13 @@ class SignalOps(_StoreBase):
         """The acks stream's last id, then who acknowledged ``signal_id`` (probe first): every
         coordinator, or only those of ``coordinators`` (the ones still awaited, so a sender
         waiting for 10,000 ACKs does not re-read those it already has on every wake)."""
-        with translated():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xrevrange(keys.acks, count=1)
-                if coordinators is None:
-                    pipe.hgetall(keys.acked(signal_id))
-                else:
-                    pipe.hmget(keys.acked(signal_id), list(coordinators))
-                last, acked = await pipe.execute()
+        async with self._on(keys.prefix) as redis, redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys.acks, count=1)
+            if coordinators is None:
+                pipe.hgetall(keys.acked(signal_id))
+            else:
+                pipe.hmget(keys.acked(signal_id), list(coordinators))
+            last, acked = await pipe.execute()
         last_id = last[0][0].decode() if last else "0-0"
         if coordinators is None:
             return last_id, {k.decode(): v.decode() for k, v in acked.items()}
@@ -86,8 +85,8 @@ class SignalOps(_StoreBase):
             elif durability == "replicated":
                 pipe.execute_command("WAIT", 1, durability_timeout_ms)
 
-        with translated():
-            replies = await self._scripts.pipeline(build)
+        async with self._on(keys.prefix) as redis:
+            replies = await self._scripts.pipeline(redis, build)
         published = replies[0]
         if isinstance(published, BaseException):
             raise translate(published)
@@ -101,9 +100,10 @@ class SignalOps(_StoreBase):
         watches: Sequence[str] = (),
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
-        with translated():
+        async with self._on(keys.prefix) as redis:
             reply = await self._scripts.call(
-                "begin_wait", keys=[keys.state(coordinator), keys.channel(channel), keys.events,
+                redis, "begin_wait",
+                keys=[keys.state(coordinator), keys.channel(channel), keys.events,
                                     keys.coordinators],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
                       self.limits.events_maxlen, ",".join(watches)],
@@ -115,15 +115,15 @@ class SignalOps(_StoreBase):
 
     async def entry(self, stream: str, stream_id: str) -> Entry | None:
         """One entry by id, or ``None`` if it is gone (trimmed)."""
-        with translated():
-            raw = await self._redis.xrange(stream, min=stream_id, max=stream_id, count=1)
+        async with self._on(stream) as redis:
+            raw = await redis.xrange(stream, min=stream_id, max=stream_id, count=1)
         entries = _decode_entries(raw)
         return entries[0] if entries else None
 
     async def ack_id(self, keys: SwarmKeys, signal_id: str, coordinator: str) -> str:
         """The id of ``coordinator``'s Ack of ``signal_id`` (``""`` if it has none)."""
-        with translated():
-            raw = await self._redis.hget(keys.acked(signal_id), coordinator)
+        async with self._on(keys.prefix) as redis:
+            raw = await redis.hget(keys.acked(signal_id), coordinator)
         return raw.decode() if raw else ""
 
     async def end_wait(
@@ -136,9 +136,9 @@ class SignalOps(_StoreBase):
         ended_event: bytes,
     ) -> bool:
         """Record how a wait ended, if it is still the open wait. False: already ended."""
-        with translated():
+        async with self._on(keys.prefix) as redis:
             changed = await self._scripts.call(
-                "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
+                redis, "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
                 args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
                       self.limits.events_maxlen],
             )
@@ -165,10 +165,10 @@ class SignalOps(_StoreBase):
             }
 
         chunks = _chunks(receipts)
-        with translated():
+        async with self._on(keys.prefix) as redis:
             if len(chunks) == 1:  # the common case, without a pipeline's overhead
                 try:
-                    replies: list[Any] = [await self._scripts.call("receive",
+                    replies: list[Any] = [await self._scripts.call(redis, "receive",
                                                                   **call_args(chunks[0]))]
                 except rex.ResponseError as exc:
                     replies = [exc]
@@ -177,7 +177,7 @@ class SignalOps(_StoreBase):
                     for chunk in chunks:
                         self._scripts.queue(pipe, "receive", **call_args(chunk))
 
-                replies = await self._scripts.pipeline(build)
+                replies = await self._scripts.pipeline(redis, build)
         out: list[str | BaseException] = []
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -205,8 +205,9 @@ class SignalOps(_StoreBase):
                     args=[a for read in chunk
                           for a in (read.group, "0" if read.pending else ">")])
 
-        with translated():
-            replies = await self._scripts.pipeline(build)
+        route = probes[0] if probes else reads[0].stream  # one swarm: one slot, one master
+        async with self._on(route) as redis:
+            replies = await self._scripts.pipeline(redis, build)
         last_ids = []
         for reply in replies[: len(probes)]:
             if isinstance(reply, Exception):
