@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from streambus.testing import LocalCluster, LocalSentinelSet
+from tests.tls import make_tls_files, make_untrusted_ca, tls_server
 
 KEY = "topology:{probe}"
 
@@ -104,3 +108,35 @@ def test_killing_the_master_promotes_the_replica_and_sentinels_agree(
             assert client.set(KEY, "after")
     local_sentinel_set.restart(old)  # comes back as the new master's replica
     assert local_sentinel_set.replicas() == [old]
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tls")
+
+
+def test_tls_server_verifies_both_ways(tls_dir: Path) -> None:
+    files = make_tls_files(tls_dir / "certs")
+    with tls_server(tls_dir / "optional", files, auth_clients="optional") as server:
+        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files.ca_file}"
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+        with redis.Redis.from_url(url, ssl_certfile=str(files.client_cert)) as client:
+            assert client.ping()
+        wrong_ca = make_untrusted_ca(tls_dir / "other")
+        wrong = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={wrong_ca}"
+        with (redis.Redis.from_url(wrong, retry=None) as client,
+              pytest.raises(redis.ConnectionError, match=r"(?i)certificate verify failed")):
+            client.ping()
+
+
+def test_tls_server_requiring_client_certificates_refuses_clients_without_one(
+        tls_dir: Path) -> None:
+    files = make_tls_files(tls_dir / "certs-mutual")
+    with tls_server(tls_dir / "mutual", files, auth_clients="yes") as server:
+        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={files.ca_file}"
+        with redis.Redis.from_url(url, ssl_certfile=str(files.client_cert)) as client:
+            assert client.ping()
+        with (redis.Redis.from_url(url, retry=None) as client,
+              pytest.raises(redis.ConnectionError)):
+            client.ping()
