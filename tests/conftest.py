@@ -11,6 +11,7 @@ import streambus
 from streambus.bus import Bus
 from tests.clitools import Cli
 from tests.servers import ServerProcess, server_binaries
+from tests.topology_fixtures import local_cluster, local_sentinel_set  # noqa: F401 (fixtures)
 
 SERVER_KINDS = server_binaries()
 DOCKER_OPT_IN = os.environ.get("STREAMBUS_TEST_DOCKER") == "1"
