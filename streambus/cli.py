@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--await-ack", action="append", default=[], metavar="COORDINATOR",
                    help="wait for this coordinator's ACK (repeatable)")
     p.add_argument("--ack-timeout", type=_duration, default=30.0)
+    p.add_argument(
+        "--durability", choices=("none", "fsync", "replicated"), default="none",
+        help="when to report the signal published: none (default) = in the server's memory "
+             "(an AOF 'everysec' server that crashes may lose the last second); fsync = in "
+             "the server's append-only file on disk (WAITAOF; Redis >= 7.2 or Valkey, else "
+             "an error and nothing is published); replicated = a replica has it (WAIT 1; a "
+             "failover that promotes another replica can still lose it). A level not "
+             "confirmed within 1 s is an error, though the signal was appended: publishing "
+             "again with the same --signal-id is safe")
 
     p = sub.add_parser("wait", parents=[common], help="block until a signal arrives")
     p.add_argument("swarm")
@@ -168,8 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=_duration, default=0.0,
                    help="when the backlog is full, keep trying this long (else exit 5)")
 
-    p = sub.add_parser("status", parents=[common], help="coordinators and their blocking state")
-    p.add_argument("swarm")
+    p = sub.add_parser("status", parents=[common],
+                       help="coordinators and their blocking state (no swarm: every swarm)")
+    p.add_argument("swarm", nargs="?", default=None,
+                   help="one swarm's coordinators (default: every swarm, with counts)")
+    p.add_argument("--dead-after", type=_duration, default=120.0,
+                   help="with no swarm: count a coordinator silent this long as dead "
+                        "(default 2m)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("traces", parents=[common],
@@ -222,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK  # a signal is how a heartbeat is meant to stop
         print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
         return 128 + exc.signum
+    except Exception as exc:  # a bug of ours: still one line, the traceback only with -v
+        logging.getLogger("streambus").debug("unexpected error", exc_info=True)
+        cause = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
+        print(f"streambus: unexpected error: {cause!r} (run with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -278,6 +298,7 @@ async def _signal(bus: Bus, args: argparse.Namespace) -> int:
         published = await bus.publish(
             args.swarm, args.channel, args.payload, sender=args.sender or "",
             signal_id=args.signal_id, await_acks=args.await_ack, ack_timeout=args.ack_timeout,
+            durability=args.durability,
         )
     except AckTimeout as exc:
         _print({**exc.published.as_dict(), "error": "ack_timeout"})
@@ -367,6 +388,8 @@ async def _retry(bus: Bus, args: argparse.Namespace) -> int:
 
 
 async def _status(bus: Bus, args: argparse.Namespace) -> int:
+    if args.swarm is None:
+        return await _status_all(bus, args)
     rows = await bus.status(args.swarm)
     if args.json:
         _print({"swarm": args.swarm, "coordinators": [row.as_dict() for row in rows]})
@@ -379,6 +402,23 @@ async def _status(bus: Bus, args: argparse.Namespace) -> int:
         remaining = f"{row.remaining_s:.1f}s" if row.remaining_s is not None else "-"
         print(f"{row.coordinator:24} {row.state:12} {row.channel or '-':24} "
               f"{row.iteration or 0:>4} {remaining:>10}")
+    return EXIT_OK
+
+
+async def _status_all(bus: Bus, args: argparse.Namespace) -> int:
+    summaries = await bus.swarms(dead_after=args.dead_after)
+    if args.json:
+        _print({"swarms": [msgspec.structs.asdict(s) for s in summaries]})
+        return EXIT_OK
+    if not summaries:
+        print(f"namespace {bus.namespace}: no swarms")
+        return EXIT_OK
+    print(f"{'SWARM':24} {'COORD':>6} {'WAITING':>8} {'SIGNALED':>9} {'TIMED_OUT':>10} "
+          f"{'DEAD':>5} {'DEAD_LETTERS':>13} {'OLDEST_WAIT':>12}")
+    for s in summaries:
+        oldest = f"{s.oldest_wait_s:.1f}s" if s.oldest_wait_s is not None else "-"
+        print(f"{s.swarm:24} {s.coordinators:>6} {s.waiting:>8} {s.signaled:>9} "
+              f"{s.timed_out:>10} {s.dead:>5} {s.dead_letters:>13} {oldest:>12}")
     return EXIT_OK
 
 

@@ -108,3 +108,8 @@ class Backpressure(StreambusError):
 
 class DurabilityNotReached(StreambusError):
     """A publish was appended but not confirmed at the requested durability level in time."""
+
+
+class DurabilityUnsupported(DurabilityNotReached, InvalidInput):
+    """The server cannot confirm the durability level asked for (``fsync`` needs ``WAITAOF``,
+    Redis >= 7.2 or Valkey). Checked before anything is written: nothing was published."""

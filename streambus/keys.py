@@ -32,6 +32,25 @@ def swarm_index_pattern(namespace: str) -> str:
     return f"{validate_id(namespace, 'namespace')}:{{*}}:coordinators"
 
 
+def swarm_channel_pattern(namespace: str) -> str:
+    """``SCAN MATCH`` pattern for every channel stream of every swarm in ``namespace``."""
+    return f"{validate_id(namespace, 'namespace')}:{{*}}:ch:*"
+
+
+def swarm_of_key(namespace: str, key: str) -> str | None:
+    """The swarm of any key of ``namespace`` (``None`` if the key is not one of ours)."""
+    head = f"{namespace}:{{"
+    if not key.startswith(head):
+        return None
+    swarm, closing, _ = key[len(head):].partition("}:")
+    if not closing:
+        return None
+    try:
+        return validate_id(swarm, "swarm")
+    except InvalidId:
+        return None
+
+
 def swarm_of_index(namespace: str, key: str) -> str | None:
     """The swarm id in a key matched by :func:`swarm_index_pattern` (``None`` if foreign)."""
     head, tail = f"{namespace}:{{", "}:coordinators"

@@ -13,7 +13,12 @@ from typing import Any, Final
 
 import msgspec
 
-from streambus.keys import SwarmKeys, swarm_index_pattern, swarm_of_index
+from streambus.keys import (
+    SwarmKeys,
+    swarm_channel_pattern,
+    swarm_index_pattern,
+    swarm_of_key,
+)
 from streambus.schema import BlockingState
 from streambus.store import Entry, Store, StreamInfo
 
@@ -101,9 +106,12 @@ class Views:
                 for c in sorted(rows)]
 
     async def swarm_ids(self) -> list[str]:
-        """Every swarm of the namespace that has a coordinator index."""
-        found = await self._store.scan(swarm_index_pattern(self.namespace))
-        return sorted({s for key in found if (s := swarm_of_index(self.namespace, key))})
+        """Every swarm of the namespace that has a coordinator or a channel (``SCAN`` of
+        every master, for the coordinator indexes and the channel streams)."""
+        found = [*await self._store.scan(swarm_index_pattern(self.namespace), type_="zset"),
+                 *await self._store.scan(swarm_channel_pattern(self.namespace),
+                                         type_="stream")]
+        return sorted({s for key in found if (s := swarm_of_key(self.namespace, key))})
 
     async def swarms(self, *, dead_after: float = 120.0) -> list[SwarmSummary]:
         """Every swarm of the namespace, with its coordinators counted by state."""

@@ -62,6 +62,7 @@ class Store(SignalOps, UpkeepOps):
         self.limits = limits
         self._nodes = nodes_for(self.endpoint, max_connections=max_connections)
         self._scripts = _Scripts()
+        self._waitaof: dict[int, bool] = {}
         self._closed = False
 
     def __repr__(self) -> str:

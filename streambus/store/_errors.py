@@ -36,6 +36,10 @@ class KeyMissing(StreambusError):
     """A command that needs the key found none (``ERR no such key``, from ``XINFO``)."""
 
 
+class UnknownCommand(StreambusError):
+    """The server does not know a command (an older version)."""
+
+
 class ScriptMissing(StreambusError):
     """The server does not have a script (``NOSCRIPT``): the script runner loads it."""
 
@@ -105,7 +109,7 @@ def translate(exc: BaseException) -> BaseException:
         if code == "ERR" and message.endswith("no such key"):
             return KeyMissing(message)
         if code == "ERR" and "unknown command" in message:
-            return StreambusError(f"the server does not support a command streambus needs: "
+            return UnknownCommand(f"the server does not support a command streambus needs: "
                                   f"{message}")
         return StreambusError(f"Redis error: {message}")
     for kind, make in _BY_CLASS:

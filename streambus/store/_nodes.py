@@ -38,6 +38,8 @@ from streambus.store.urls import Endpoint
 
 SOCKET_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 2.0
+TOPOLOGY_QUERY_S: Final = 1.0
+"""How long one node or sentinel may take to say where the masters are."""
 Address = tuple[str, int]
 
 
@@ -123,9 +125,10 @@ class Nodes:
         kwargs = self._connection_kwargs() | {"socket_timeout": socket_timeout}
         if self.endpoint.tls:
             kwargs["connection_class"] = SSLConnection
-        pool = aioredis.ConnectionPool(host=host, port=port, max_connections=1,
-                                       **kwargs)
-        return aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        pool = aioredis.ConnectionPool(host=host, port=port, max_connections=1, **kwargs)
+        reader = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        reader.auto_close_connection_pool = True  # closing the reader closes its connection
+        return reader
 
     async def aclose(self) -> None:
         """Close every client (each owns its pool). Safe to call twice."""
@@ -172,7 +175,7 @@ class SentinelMaster(Nodes):
     def __init__(self, endpoint: Endpoint, *, max_connections: int) -> None:
         super().__init__(endpoint, max_connections=max_connections)
         sentinel_kwargs: dict[str, Any] = {
-            "socket_timeout": CONNECT_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": TOPOLOGY_QUERY_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "retry": _no_retries(),
         }
         if endpoint.tls:
@@ -187,7 +190,8 @@ class SentinelMaster(Nodes):
 
     async def _resolve(self) -> None:
         try:
-            host, port = await self._sentinel.discover_master(self.endpoint.service)
+            with anyio.fail_after(TOPOLOGY_QUERY_S * len(self.endpoint.hosts)):
+                host, port = await self._sentinel.discover_master(self.endpoint.service)
         except Exception as exc:  # MasterNotFoundError, or every sentinel unreachable
             raise BusUnavailable(
                 f"no sentinel of {self.endpoint.redacted} names a master for "
@@ -229,7 +233,9 @@ class ClusterMasters(Nodes):
         failures: list[str] = []
         for address in dict.fromkeys([*self._masters_known(), *self._known]):
             try:
-                reply = await self._client_at(address).execute_command("CLUSTER SLOTS")
+                # A frozen node accepts the connection and never answers: ask the next one.
+                with anyio.fail_after(TOPOLOGY_QUERY_S):
+                    reply = await self._client_at(address).execute_command("CLUSTER SLOTS")
             except Exception as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc}")
                 continue

@@ -7,6 +7,7 @@ from typing import Any
 
 import redis.exceptions as rex
 
+from streambus.errors import DurabilityUnsupported
 from streambus.keys import SwarmKeys
 from streambus.schema import FIELD
 from streambus.store._base import (
@@ -22,11 +23,13 @@ from streambus.store._base import (
     _scripted_read,
     _StoreBase,
 )
-from streambus.store._errors import translate
+from streambus.store._errors import UnknownCommand, translate
 
 
 class SignalOps(_StoreBase):
     """Signals, waits and ACKs: the operations on the signal path."""
+
+    _waitaof: dict[int, bool]
 
     async def swarm_snapshot(self, keys: SwarmKeys) -> SwarmSnapshot:
         """Server time, every coordinator's state hash, last beat and retry backlog: two
@@ -86,6 +89,10 @@ class SignalOps(_StoreBase):
                 pipe.execute_command("WAIT", 1, durability_timeout_ms)
 
         async with self._on(keys.prefix) as redis:
+            if durability == "fsync" and not await self._has_waitaof(redis):
+                raise DurabilityUnsupported(
+                    "durability 'fsync' needs WAITAOF (Redis >= 7.2 or Valkey), which this "
+                    "server lacks; nothing was published (use 'replicated' or 'none')")
             replies = await self._scripts.pipeline(redis, build)
         published = replies[0]
         if isinstance(published, BaseException):
@@ -94,6 +101,19 @@ class SignalOps(_StoreBase):
         if durability != "none":
             _check_durability(durability, replies[1], stream_id.decode())
         return stream_id.decode(), bool(dup)
+
+    async def _has_waitaof(self, redis: Any) -> bool:
+        """Whether the server knows ``WAITAOF`` (asked once per server)."""
+        if (known := self._waitaof.get(id(redis))) is None:
+            try:  # asks for nothing, so it answers at once where the command exists
+                await redis.execute_command("WAITAOF", 0, 0, 0)
+                known = True
+            except rex.ResponseError as exc:
+                if not isinstance(translate(exc), UnknownCommand):
+                    raise
+                known = False
+            self._waitaof[id(redis)] = known
+        return known
 
     async def begin_wait(
         self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int,
