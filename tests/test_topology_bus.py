@@ -25,6 +25,7 @@ from streambus.bus import Bus
 from streambus.keys import SwarmKeys
 from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, server_binaries
 from tests.clitools import Cli
+from tests.fakes import until
 
 pytestmark = pytest.mark.anyio
 
@@ -110,9 +111,7 @@ async def test_retry_requests_reach_a_blocked_coordinator(tbus: Bus) -> None:
             await tbus.wait_for("rr", "c", "done", timeout=10, on_retry=handled.append)
         tg.start_soon(blocked)
         await tbus.request_retry("rr", "c", reason="tests fail")
-        with anyio.fail_after(5):
-            while not handled:
-                await anyio.sleep(0.01)
+        await until(lambda: bool(handled))
         await tbus.publish("rr", "done", None)
     assert [r.reason for r in handled] == ["tests fail"]
 
@@ -199,8 +198,7 @@ async def test_a_failing_master_does_not_disturb_waiters_on_the_others(
             # While the other master is dead and not yet replaced, the healthy swarm works.
             with anyio.fail_after(5):
                 published = await tbus.publish(healthy, "ch", "unaffected")
-                while not got:
-                    await anyio.sleep(0.01)
+                await until(lambda: bool(got))
             await anyio.to_thread.run_sync(cluster.wait_failover, old)
             await tbus.publish(doomed, "ch", "after")
         finally:
