@@ -5,8 +5,9 @@ Two kinds of metrics, both served from one ``prometheus_client`` registry at ``/
 * **Read at scrape time** from Redis, so they are the truth of the moment whichever process
   wrote it: ``blocking_coordinators`` (every coordinator's blocking-state hash, counted by
   state: two round trips for any number of coordinators), the swarm's ``counters`` hash
-  (``dead_letters``, ``heartbeat_failures``), and the length, pending entries and lag of the
-  swarm's streams (``XLEN``, ``XINFO GROUPS``).
+  (``dead_letters``, ``heartbeat_failures``), the length, pending entries and lag of the
+  swarm's streams (``XLEN``, ``XINFO GROUPS``), and the waits past their deadline and the
+  coordinators reported dead (:mod:`consumers.lapses`).
 * **Projected** from the lifecycle and ACK streams by a :class:`~streambus.projection.Projector`
   (group ``proj.metrics``, one consumer per exporter process): ``blocking_duration_seconds``,
   ``signal_delivery_latency_seconds``, ``timeout_events_total``, ``coordinator_dead_events_total``.
@@ -47,6 +48,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from consumers.lapses import lapse_families, read_lapses
 from streambus.backoff import keep_running
 from streambus.bus import Bus
 from streambus.errors import BusUnavailable, InvalidId, StreambusError
@@ -297,6 +299,7 @@ class Exporter(Collector):
         counters = await bus.counters(swarm)
         f.dead_letters.add_metric([swarm], int(counters.get("dead_letters", 0)))
         f.heartbeat_failures.add_metric([swarm], int(counters.get("heartbeat_failures", 0)))
+        (await read_lapses(bus, swarm)).add_to(swarm, f)  # past deadline, reported dead
         for stream, stats in info.items():
             name = stream[len(keys.prefix) + 1:]
             f.length.add_metric([swarm, name], stats.length)
@@ -348,6 +351,7 @@ class _Families:
             "consumer group.", labels=[*s, "channel"])
         self.up = GaugeMetricFamily(
             "bus_up", "1 if this scrape could read the swarm's state from Redis.", labels=s)
+        self.past_deadline, self.overdue_max, self.reported_dead = lapse_families()
 
     def add_projected(self, p: SwarmEvents) -> None:
         for outcome, histogram in sorted(p.durations.items()):

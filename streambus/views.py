@@ -20,7 +20,7 @@ from streambus.keys import (
     swarm_of_key,
 )
 from streambus.schema import BlockingState
-from streambus.store import Entry, Store, StreamInfo
+from streambus.store import Entry, Store, StreamInfo, SwarmSnapshot
 
 IDLE: Final = "idle"
 """The state shown for a coordinator that heartbeats but never waited."""
@@ -104,6 +104,11 @@ class Views:
             rows[coordinator] = {"coordinator": coordinator, "state": IDLE}
         return [_status_row(rows[c], snap.now_ms, snap.beats.get(c), snap.backlog.get(c, 0))
                 for c in sorted(rows)]
+
+    async def snapshot(self, swarm: str) -> SwarmSnapshot:
+        """The raw material of :meth:`status`, read together: server now, every blocking-state
+        hash, every last beat and the retry backlogs (two round trips)."""
+        return await self._store.swarm_snapshot(self.keys(swarm))
 
     async def swarm_ids(self) -> list[str]:
         """Every swarm of the namespace that has a coordinator or a channel (``SCAN`` of
