@@ -163,7 +163,7 @@ async def populated_scrape(bus: Bus) -> str:
     async with anyio.create_task_group() as tg:
         tg.start_soon(partial(bus.wait_for, swarm, "fine", "go", timeout=30))
         await bus.publish(swarm, "go", "now", await_acks=["fine"])
-    await bus._store._redis.xadd(keys.events, {"e": b"not json"})  # a poison entry
+    await bus._store.raw().xadd(keys.events, {"e": b"not json"})  # a poison entry
     watchdog = Watchdog(bus, swarm, dead_after=0.05)
     reported: set[str] = set()
     with anyio.fail_after(10):
