@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -146,16 +147,44 @@ class Coordinator:
         peers = [validate_id(peer, "peer id") for peer in watch]
         if timeout < 0 or reconnect_budget < 0:
             raise InvalidInput("timeout and reconnect budget must not be negative")
-        start = await self._runtime.retrying(lambda: self._store.begin_wait(
-            self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers
-        ))
+        # The token names this wait on the bus: a retried begin_wait is the same wait, and a
+        # wait whose begin_wait reply was lost can still be ended by it.
+        token = secrets.token_hex(8)
+        unhanded = (self.keys.prefix, self.id, channel)
+        claim = self._runtime.unclaimed.get(unhanded, 0) if iteration == 0 else 0
+        try:
+            start = await self._runtime.retrying(lambda: self._store.begin_wait(
+                self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers,
+                token=token, claim=claim))
+        except BaseException:
+            # The script may have run with its reply lost (to a cancellation, or to the bus):
+            # then the wait is open on the bus with nobody in it. End it by its token; if the
+            # script has not run yet, the token stops it from starting anything.
+            with anyio.CancelScope(shield=True):
+                await self._record_end(channel, 0, Outcome.CANCELLED,
+                                       "cancelled before its start was confirmed", token=token)
+            raise
+        if claim:
+            del self._runtime.unclaimed[unhanded]  # the server has answered it
+        if start.withdrawn:
+            raise StreambusError(f"wait {token} of {self.id!r} was withdrawn before it began")
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
                  "resumed" if start.resumed else "started", self.swarm, channel, start.iteration,
                  (start.deadline_ms - start.now_ms) / 1000,
                  extra=self._facts(channel, start.iteration, "blocking_started", state="waiting",
                                    resumed=start.resumed, deadline_ms=start.deadline_ms))
         if start.received_stream_id:
-            return await self._recorded(channel, start)
+            try:
+                return await self._recorded(channel, start)
+            except BaseException as exc:
+                if not isinstance(exc, StreambusError) or isinstance(exc, BusUnavailable):
+                    # Not handed over (cancelled, or the bus went away): mark it unclaimed
+                    # again, so the next wait returns it. A trimmed entry is final: not marked.
+                    with anyio.CancelScope(shield=True):
+                        await self._record_end(channel, start.iteration, Outcome.CANCELLED,
+                                               "cancelled before its signal was handed over",
+                                               started_ms=start.started_ms)
+                raise
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
                         reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
         self._waiter = waiter
@@ -164,10 +193,15 @@ class Coordinator:
                 return await self._supervised(dispatcher, waiter, start, peers, on_retry)
         except BaseException:
             # Cancelled (or failed) before the wait blocked, e.g. while its heartbeat or retry
-            # consumer started: the wait is open on the bus, so close it as cancelled.
-            if waiter not in self._ended and not isinstance(waiter.outcome, Received):
+            # consumer started; or after its signal arrived but before wait_for returned it.
+            # Either way the bus must learn it: an open wait is closed as cancelled, and a
+            # signal received but never handed over is marked unclaimed for the next wait.
+            if waiter not in self._ended:
+                detail = ("cancelled before its signal was handed over"
+                          if isinstance(waiter.outcome, Received)
+                          else "cancelled before it blocked")
                 with anyio.CancelScope(shield=True):
-                    await self._end(waiter, Outcome.CANCELLED, "cancelled before it blocked")
+                    await self._end(waiter, Outcome.CANCELLED, detail)
             raise
         finally:
             self._waiter = None
@@ -243,8 +277,11 @@ class Coordinator:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 outcome = await dispatcher.finish(waiter, cancelled=True)
-                if not isinstance(outcome, Received):
-                    await self._end(waiter, Outcome.CANCELLED, "wait cancelled")
+                # A receipt that landed meanwhile is recorded: the bus marks it unclaimed,
+                # and this coordinator's next wait returns it instead of skipping it.
+                await self._end(waiter, Outcome.CANCELLED, (
+                    "cancelled before its signal was handed over"
+                    if isinstance(outcome, Received) else "wait cancelled"))
             raise
         outcome = await dispatcher.finish(waiter, cancelled=False)
         if isinstance(outcome, BaseException):
@@ -283,22 +320,34 @@ class Coordinator:
     async def _end(self, waiter: Waiter, outcome: Outcome, detail: str) -> None:
         """Record the end of a wait; best effort when the bus is down."""
         self._ended.add(waiter)
-        event = encode(BlockingEnded(coordinator=self.id, channel=waiter.channel,
-                                     iteration=waiter.iteration, outcome=outcome, detail=detail,
-                                     started_ms=waiter.started_ms))
-        log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm,
-                 waiter.channel, outcome, detail, extra=self._facts(
-                     waiter.channel, waiter.iteration, "blocking_ended", outcome=outcome,
-                     detail=detail))
+        await self._record_end(waiter.channel, waiter.iteration, outcome, detail,
+                               started_ms=waiter.started_ms)
+
+    async def _record_end(self, channel: str, iteration: int, outcome: Outcome, detail: str, *,
+                          started_ms: int = 0, token: str = "") -> None:
+        """Record how iteration ``iteration`` (0: the wait begun with ``token``) ended.
+
+        If that iteration had received its signal, the bus marks the signal unclaimed instead.
+        When the bus cannot be told, this process remembers the iteration, so that its next
+        wait on ``channel`` asks for that signal before it starts a new iteration.
+        """
+        event = encode(BlockingEnded(coordinator=self.id, channel=channel, iteration=iteration,
+                                     outcome=outcome, detail=detail, started_ms=started_ms))
+        log.info("coordinator %s wait on %s/%s ended: %s (%s)", self.id, self.swarm, channel,
+                 outcome, detail, extra=self._facts(channel, iteration, "blocking_ended",
+                                                    outcome=outcome, detail=detail))
+        recorded = False
         with anyio.CancelScope(shield=True), anyio.move_on_after(_END_WAIT_LIMIT_S):
             try:
-                await self._store.end_wait(self.keys, self.id, waiter.channel,
-                                              waiter.iteration, BlockingState.after(outcome),
-                                              event)
+                await self._store.end_wait(self.keys, self.id, channel, iteration,
+                                           BlockingState.after(outcome), event, token=token)
+                recorded = True
             except BusUnavailable as exc:
                 log.warning("could not record %s for %s: %s", outcome, self.id, exc,
-                            extra=self._facts(waiter.channel, waiter.iteration, "record_failed",
+                            extra=self._facts(channel, iteration, "record_failed",
                                               outcome=outcome))
+        if not recorded and iteration > 0:
+            self._runtime.unclaimed[(self.keys.prefix, self.id, channel)] = iteration
 
 
 def _outcome_of(error: BaseException) -> Outcome:

@@ -146,9 +146,20 @@ class Life:
     started: float
     ended: float | None = None
     fate: str = "running"
+    born: float | None = None
+    """When its own code first ran (its ``start`` line): it can act on the bus only after."""
 
     def covers(self, t: float) -> bool:
-        return (self.started - CLOCK_SLACK_S <= t
+        """Whether this incarnation could have acted on the bus at ``t``.
+
+        From its ``start`` line, not from when it was spawned: a coordinator killed a few ms
+        after an ACK and restarted at once would otherwise have the ACK pinned on its
+        successor (which was still starting Python), and an honest "killed between its ACK and
+        its log write" would read as a skipped signal (issue 11: the rare skip was this).
+        """
+        if self.born is None:
+            return False  # killed before its code ran: it never touched the bus
+        return (self.born - CLOCK_SLACK_S <= t
                 and (self.ended is None or t <= self.ended + CLOCK_SLACK_S))
 
 
@@ -358,6 +369,13 @@ async def audit_logs(bus: Bus, fleet: Fleet, published: dict[str, Published], ta
     keys = bus.keys(SWARM)
     stream = keys.channel(CHANNEL)
     acked_by = {sid: (await bus._store.acks_snapshot(keys, sid))[1] for sid in published}
+    for c in COORDINATORS:
+        born: dict[int, float] = {}
+        for line in read_log(fleet.log(c)):
+            born.setdefault(line.pid, line.at)
+        for life in fleet.lives:
+            if life.coordinator == c:
+                life.born = born.get(life.process.pid)
     audit = Audit(acks_missing=sum(1 for sid in published for c in COORDINATORS
                                    if c not in acked_by[sid]))
     for c in COORDINATORS:
@@ -463,3 +481,23 @@ async def test_signals_survive_killed_coordinators_and_server_restarts(
     assert fleet.crashes == [], [
         (life.coordinator, life.fate, (fleet.directory / f"{life.coordinator}.stderr")
          .read_text()[-2000:]) for life in fleet.crashes]
+
+
+def test_an_ack_just_before_a_kill_belongs_to_the_killed_incarnation() -> None:
+    """The rare "acked-but-skipped" of issue 11, replayed: a coordinator is killed 1 ms after
+    an ACK and restarted at once. Its successor was spawned within the clock slack of that ACK
+    but ran no code before it, so the ACK is the killed one's (died before its log write), not
+    a signal the successor skipped."""
+    fleet = Fleet(Path("worker.py"), "redis://unused", "ns", Path("."))
+    killed = Life("c0", subprocess.Popen([sys.executable, "-c", ""]), started=9.0, ended=10.000,
+                  fate="killed", born=9.2)
+    successor = Life("c0", subprocess.Popen([sys.executable, "-c", ""]), started=10.001,
+                     born=10.150)
+    for life in (killed, successor):
+        life.process.wait()
+    fleet.lives += [killed, successor]
+    assert fleet.life_at("c0", 9.999) is killed
+    assert fleet.life_at("c0", 10.2) is successor
+    never_ran = Life("c0", successor.process, started=10.3, ended=10.31, fate="killed")
+    fleet.lives.append(never_ran)
+    assert fleet.life_at("c0", 10.305) is successor  # a life killed before it ran acts never

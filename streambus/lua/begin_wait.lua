@@ -2,9 +2,11 @@
 -- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset
 -- ARGV[1] coordinator, ARGV[2] channel, ARGV[3] timeout (ms), ARGV[4] state ttl (s),
 -- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen,
--- ARGV[8] the peers it watches, comma-separated
--- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled, stream id if 2
---   (else ''), started (ms: when this wait began, kept when resumed)}
+-- ARGV[8] the peers it watches, comma-separated, ARGV[9] the wait's token (client-made, one per
+-- wait_for call: a retried call is the same wait), ARGV[10] an iteration this process knows it
+-- did not hand over (0: none)
+-- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled | 3 withdrawn,
+--   stream id if 2 (else ''), started (ms: when this wait began, kept when resumed)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -19,12 +21,29 @@ if not ok then
 end
 
 local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iteration', 'started_ms',
-  'last_stream_id')
--- Waiting again for an iteration that already received its signal (same channel, explicit
--- iteration) answers with that signal: a wait is idempotent by iteration.
-if tonumber(ARGV[5]) > 0 and tonumber(ARGV[5]) == tonumber(st[4]) and st[1] == 'signaled'
-    and st[2] == ARGV[2] and st[6] then
-  return {now, tonumber(st[3]), tonumber(st[4]), 2, st[6], tonumber(st[5]) or now}
+  'last_stream_id', 'unclaimed', 'withdrawn_token')
+local token, wanted, claim = ARGV[9] or '', tonumber(ARGV[5]), tonumber(ARGV[10] or '0')
+-- This wait was cancelled before this script ran (end_wait left its token): start nothing.
+if token ~= '' and st[8] == token then
+  return {now, 0, 0, 3, '', now}
+end
+-- Answer with the signal an iteration already received, instead of starting the next one:
+-- * asked for by number (same channel): a wait is idempotent by iteration;
+-- * asked for as "the next" while the last signal was never handed over (its wait was
+--   cancelled or failed after the receipt: end_wait marked it 'unclaimed' with '1', or this
+--   process remembers it); the mark then names this wait's token, so a retry of this same
+--   call gets it again and the following call starts the next iteration.
+if st[1] == 'signaled' and st[2] == ARGV[2] and st[6] then
+  local iteration = tonumber(st[4])
+  local by_number = wanted > 0 and wanted == iteration
+  local unclaimed = wanted == 0 and (st[7] == '1' or (token ~= '' and st[7] == token)
+    or (claim > 0 and claim == iteration))
+  if by_number or unclaimed then
+    if token ~= '' then
+      redis.call('HSET', KEYS[1], 'unclaimed', token)
+    end
+    return {now, tonumber(st[3]), iteration, 2, st[6], tonumber(st[5]) or now}
+  end
 end
 -- A coordinator that restarts and waits again on the same channel keeps its deadline.
 local resumed = st[1] == 'waiting' and st[2] == ARGV[2] and st[3] ~= false
@@ -45,8 +64,9 @@ end
 redis.call('HSET', KEYS[1],
   'coordinator', ARGV[1], 'state', 'waiting', 'channel', ARGV[2],
   'started_ms', string.format('%d', started), 'deadline_ms', string.format('%d', deadline),
-  'iteration', iteration, 'updated_ms', string.format('%d', now), 'watches', ARGV[8] or '')
-redis.call('HDEL', KEYS[1], 'ended_ms', 'outcome')
+  'iteration', iteration, 'updated_ms', string.format('%d', now), 'watches', ARGV[8] or '',
+  'wait_token', token)
+redis.call('HDEL', KEYS[1], 'ended_ms', 'outcome', 'unclaimed')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 

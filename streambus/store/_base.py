@@ -40,6 +40,8 @@ class WaitStart:
     """Set when this iteration already received its signal (the entry's id)."""
     started_ms: int = 0
     """When the wait began (server ms); a resumed wait keeps its original start."""
+    withdrawn: bool = False
+    """The wait was ended by its token before this ran: nothing was started."""
 
 
 @dataclass(frozen=True, slots=True)

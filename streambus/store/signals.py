@@ -117,21 +117,27 @@ class SignalOps(_StoreBase):
 
     async def begin_wait(
         self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int,
-        watches: Sequence[str] = (),
+        watches: Sequence[str] = (), *, token: str = "", claim: int = 0,
     ) -> WaitStart:
-        """Create the coordinator's group (at 0) and record the wait, keeping an open deadline."""
+        """Create the coordinator's group (at 0) and record the wait, keeping an open deadline.
+
+        ``token`` names this wait (a retry of a lost reply is the same wait; ``end_wait`` can
+        end it by token). ``claim`` is an iteration whose signal this process received but never
+        handed over: with ``iteration=0`` it is answered again rather than skipped.
+        """
         async with self._on(keys.prefix) as redis:
             reply = await self._scripts.call(
                 redis, "begin_wait",
                 keys=[keys.state(coordinator), keys.channel(channel), keys.events,
                                     keys.coordinators],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
-                      self.limits.events_maxlen, ",".join(watches)],
+                      self.limits.events_maxlen, ",".join(watches), token, claim],
             )
         now, deadline, iteration, mode = (int(x) for x in reply[:4])
         received = reply[4].decode() if mode == 2 else ""
         started = int(reply[5]) if len(reply) > 5 else (0 if mode else now)
-        return WaitStart(now, deadline, iteration, mode == 1, received, started)
+        return WaitStart(now, deadline, iteration, mode == 1, received, started,
+                         withdrawn=mode == 3)
 
     async def entry(self, stream: str, stream_id: str) -> Entry | None:
         """One entry by id, or ``None`` if it is gone (trimmed)."""
@@ -154,13 +160,20 @@ class SignalOps(_StoreBase):
         iteration: int,
         state: str,
         ended_event: bytes,
+        *,
+        token: str = "",
     ) -> bool:
-        """Record how a wait ended, if it is still the open wait. False: already ended."""
+        """Record how a wait ended, if it is still the open wait. False: already ended.
+
+        ``iteration=0`` ends the wait begun with ``token`` (its ``begin_wait`` reply was lost),
+        or, if that has not run yet, stops it from starting. If the wait had received its
+        signal already, the signal is marked unclaimed: the coordinator's next wait returns it.
+        """
         async with self._on(keys.prefix) as redis:
             changed = await self._scripts.call(
                 redis, "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
                 args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
-                      self.limits.events_maxlen],
+                      self.limits.events_maxlen, token],
             )
         return bool(changed)
 

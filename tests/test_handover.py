@@ -1,0 +1,208 @@
+"""A signal received is handed over, or it is returned by the next wait: never skipped.
+
+The windows of the skipped signal (issue 11): a wait's receipt lands, so the bus records the ACK
+and the wait as signaled, but ``wait_for`` never returns the signal, because the caller was
+cancelled meanwhile (while the receipt was in flight, or just after it landed) or the bus went
+away. The caller then waits again with ``iteration=0`` ("the next one"): before this fix that
+started the next iteration, and the acknowledged signal was skipped.
+
+And the wait that never was: ``begin_wait`` ran, but its reply was lost to a cancellation, so
+the bus showed the coordinator ``waiting`` until its deadline with nobody in the wait.
+
+Each race is timed by wrapping one store method of a real bus (a scripted delay of a narrow
+interface); every effect is on the real server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from streambus import Hooks
+from streambus.bus import Bus
+from streambus.coordinator import Delivery
+from streambus.errors import BusUnavailable, WaitTimeout
+from tests.fakes import until
+
+pytestmark = pytest.mark.anyio
+
+
+def wrap(monkeypatch: pytest.MonkeyPatch, bus: Bus, name: str,
+         around: Callable[[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
+                          Awaitable[Any]]) -> None:
+    real = getattr(bus._store, name)
+
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return await around(real, args, kwargs)
+
+    monkeypatch.setattr(bus._store, name, wrapped)
+
+
+async def cancelled_wait(bus: Bus, swarm: str, landed: anyio.Event, **kwargs: Any) -> None:
+    """Run a wait and cancel it once ``landed`` is set; it must end cancelled, not return."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            async def cancel_when_landed() -> None:
+                await landed.wait()
+                scope.cancel()
+
+            tg.start_soon(cancel_when_landed)
+            await bus.coordinator(swarm, "c", **kwargs).wait_for("ch", timeout=30)
+            pytest.fail("the wait returned although it was cancelled")
+
+
+async def next_waits_return_it_once(bus: Bus, swarm: str, signal_id: str, iteration: int
+                                    ) -> Delivery:
+    again = await bus.wait_for(swarm, "c", "ch", timeout=5)
+    assert (again.signal.signal_id, again.iteration) == (signal_id, iteration)
+    with pytest.raises(WaitTimeout):  # handed over now: the following wait is the next one
+        await bus.wait_for(swarm, "c", "ch", timeout=0.3)
+    return again
+
+
+async def test_a_wait_cancelled_while_its_receipt_is_in_flight_returns_it_next_time(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    landed, release = anyio.Event(), anyio.Event()
+
+    async def slow_reply(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        result = await real(*args, **kwargs)  # applied on the server: the ACK is recorded
+        landed.set()
+        await release.wait()  # ...and the reply is slow to come back
+        return result
+
+    wrap(monkeypatch, bus, "receive_many", slow_reply)
+    published = await bus.publish("inflight", "ch", "x")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancelled_wait, bus, "inflight", landed)
+        await landed.wait()
+        dispatcher = bus._runtime.dispatchers.get("inflight")
+        assert dispatcher is not None
+        await until(lambda: dispatcher.waiters == 0)  # cancelled: withdrawn, receipt in flight
+        release.set()
+    monkeypatch.undo()
+    [row] = await bus.status("inflight")
+    assert row.state == "signaled"
+    again = await next_waits_return_it_once(bus, "inflight", published.signal_id, 1)
+    assert again.ack_id == await bus.ack_id("inflight", published.signal_id, "c")
+
+
+async def test_a_wait_cancelled_after_its_receipt_landed_returns_it_next_time(bus: Bus) -> None:
+    """Cancelled in its ``on_signal_received`` hook: the receipt is recorded, the signal not
+    yet returned."""
+    landed = anyio.Event()
+
+    async def hook(event: object) -> None:
+        landed.set()
+        await anyio.sleep_forever()
+
+    hooks = Hooks()
+    hooks.add("on_signal_received", hook, timeout=30)
+    published = await bus.publish("hook", "ch", "x")
+    await cancelled_wait(bus, "hook", landed, hooks=hooks)
+    await next_waits_return_it_once(bus, "hook", published.signal_id, 1)
+
+
+async def test_a_signal_not_handed_over_while_the_bus_is_away_is_remembered(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bus cannot be told that the signal was never handed over (end_wait fails): this
+    process remembers it, and its next wait asks for it."""
+    landed = anyio.Event()
+
+    async def hook(event: object) -> None:
+        landed.set()
+        await anyio.sleep_forever()
+
+    async def unreachable(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Any:
+        raise BusUnavailable("Redis unreachable (scripted)")
+
+    hooks = Hooks()
+    hooks.add("on_signal_received", hook, timeout=30)
+    published = await bus.publish("away", "ch", "x")
+    wrap(monkeypatch, bus, "end_wait", unreachable)
+    await cancelled_wait(bus, "away", landed, hooks=hooks)
+    monkeypatch.undo()
+    assert (await bus.status("away"))[0].state == "signaled"
+    await next_waits_return_it_once(bus, "away", published.signal_id, 1)
+
+
+async def test_a_signal_returned_by_iteration_and_then_cancelled_is_returned_again(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The already-received answer (waiting again for a signaled iteration) is a handover too."""
+    published = await bus.publish("again", "ch", "x")
+    first = await bus.wait_for("again", "c", "ch", timeout=5)
+    landed = anyio.Event()
+
+    async def slow_entry(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        landed.set()
+        await anyio.sleep_forever()
+
+    wrap(monkeypatch, bus, "entry", slow_entry)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.wait_for("again", "c", "ch", timeout=5,
+                                               iteration=first.iteration))
+            await landed.wait()
+            scope.cancel()
+    monkeypatch.undo()
+    await next_waits_return_it_once(bus, "again", published.signal_id, first.iteration)
+
+
+async def test_a_begin_wait_reply_lost_to_a_cancellation_leaves_no_open_wait(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = anyio.Event()
+
+    async def lost_reply(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        await real(*args, **kwargs)  # the wait is recorded on the server...
+        ran.set()
+        await anyio.sleep_forever()  # ...and its reply never comes
+
+    wrap(monkeypatch, bus, "begin_wait", lost_reply)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.wait_for("lost", "c", "ch", timeout=600))
+            await ran.wait()
+            scope.cancel()
+    [row] = await bus.status("lost")
+    assert row.state == "cancelled"
+
+
+async def test_a_begin_wait_that_runs_after_its_cancellation_starts_nothing(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: cancelled while begin_wait is on its way, which the server runs only
+    after the cancellation was recorded. The token left by the cancellation stops it."""
+    sent: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    held = anyio.Event()
+
+    async def delayed(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        sent.append((args, kwargs))
+        held.set()
+        await anyio.sleep_forever()  # still on its way when the caller is cancelled
+
+    await bus.publish("late", "ch", "x")  # there for the taking, if the wait were open
+    real = bus._store.begin_wait
+    wrap(monkeypatch, bus, "begin_wait", delayed)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: bus.wait_for("late", "c", "ch", timeout=600))
+            await held.wait()
+            scope.cancel()
+    monkeypatch.undo()
+    [(args, kwargs)] = sent
+    start = await real(*args, **kwargs)  # the server runs it now, late
+    assert start.withdrawn
+    assert [row.state for row in await bus.status("late")] in ([], ["cancelled"])
+    delivered = await bus.wait_for("late", "c", "ch", timeout=5)  # nothing was taken
+    assert delivered.iteration == 1
