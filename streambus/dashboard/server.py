@@ -75,17 +75,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(bus: Bus, options: DashboardOptions | None = None, *,
                 host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                on_ready: Callable[[str], None] = lambda url: None,
+                on_ready: Callable[[str], None] = lambda url: None, hub: Hub | None = None,
                 task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve the dashboard of ``bus`` on ``host:port`` until cancelled.
 
     Once it listens, ``on_ready`` gets its URL (also reported through ``task_status``, so
-    ``url = await tg.start(serve, bus)`` works). Port 0 picks a free port.
+    ``url = await tg.start(serve, bus)`` works). Port 0 picks a free port. ``hub``: the feeds'
+    hub to use (tests look at it), by default a new one polling every ``options.interval``.
     """
     options = options or DashboardOptions()
     sock = bind(host, port)
     url = url_of(host, sock.getsockname()[1])
-    hub = Hub(interval=options.interval)
+    hub = hub or Hub(interval=options.interval)
     config = uvicorn.Config(create_app(bus, hub, options, host=host), lifespan="off",
                             http="h11", ws="none", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2)
