@@ -90,8 +90,9 @@ async def overview(bus: Bus, options: DashboardOptions) -> dict[str, Any]:
 
 
 async def swarm_exists(bus: Bus, swarm: str) -> bool:
-    """Whether ``swarm`` has a coordinator (waiting or heartbeating) or a channel."""
-    return bool(await bus.status(swarm)) or swarm in await bus.swarm_ids()
+    """Whether ``swarm`` has a coordinator (waiting or heartbeating), a channel or a loop."""
+    return (bool(await bus.status(swarm)) or await loop_state(bus, swarm) is not None
+            or swarm in await bus.swarm_ids())
 
 
 class SwarmWatch:
