@@ -142,7 +142,7 @@
         root.append(bar);
         if (count) root.append(svg("text", { x: left + i * bw + bw / 2, y: H - bottom - height - 3,
                                              "text-anchor": "middle" }, count));
-        if (i % 2 === 0 || i === n - 1) {
+        if (i % 2 === 0) {
           root.append(svg("text", { x: left + i * bw + bw / 2, y: H - 6, "text-anchor": "middle" },
                           labels[i]));
         }
