@@ -1,4 +1,4 @@
-"""The README's dashboard figure, taken from a real run: ``python -m streambus.dashboard.screenshot``.
+"""The README's dashboard figure, from a real run: ``python -m streambus.dashboard.screenshot``.
 
 Runs ``streambus demo`` (real agent processes, a fresh namespace) and the dashboard on a free
 port, opens the demo's swarm in headless Chromium (Debian's ``/usr/bin/chromium`` through
