@@ -164,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swarm", action="append", default=[], dest="swarms", metavar="SWARM",
                    help="a swarm to export (repeatable; default: every swarm, found each minute)")
 
+    p = sub.add_parser("dashboard", parents=[common],
+                       help="a live web view of every swarm, until SIGTERM/SIGINT")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    p.add_argument("--dead-after", type=_duration, default=120.0,
+                   help="show a coordinator silent this long as dead (default 2m)")
+    p.add_argument("--open", action="store_true", help="open it in a web browser")
+    p.add_argument("--allow-actions", action="store_true",
+                   help="allow actions that write (replaying a dead letter); default read-only")
+
     p = sub.add_parser("retry", parents=[common],
                        help="ask a coordinator to redo work (a retry request)")
     p.add_argument("swarm")
@@ -232,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streambus: {prefix}{exc}", file=sys.stderr)
         return code
     except _Signalled as exc:
-        if args.command in ("heartbeat", "watchdog", "traces", "metrics"):
+        if args.command in ("heartbeat", "watchdog", "traces", "metrics", "dashboard"):
             return EXIT_OK  # a signal is how a heartbeat is meant to stop
         print(f"streambus: stopped by signal {exc.signum}", file=sys.stderr)
         return 128 + exc.signum
@@ -370,6 +380,29 @@ async def _metrics(bus: Bus, args: argparse.Namespace) -> int:
     return EXIT_OK  # pragma: no cover - only a signal ends it
 
 
+async def _dashboard(bus: Bus, args: argparse.Namespace) -> int:
+    import threading
+    import webbrowser
+
+    try:
+        from streambus.dashboard import DashboardOptions, serve
+    except ImportError as exc:  # the optional deps are missing
+        print(f"streambus: the dashboard needs its extra: pip install 'streambus[dashboard]' "
+              f"({exc})", file=sys.stderr)
+        return EXIT_ERROR
+
+    def ready(url: str) -> None:
+        mode = "actions allowed" if args.allow_actions else "read-only"
+        print(f"streambus dashboard at {url} ({mode}); Ctrl-C stops it", flush=True)
+        if args.open:
+            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+
+    await serve(bus, DashboardOptions(dead_after=args.dead_after,
+                                      allow_actions=args.allow_actions),
+                host=args.host, port=args.port, on_ready=ready)
+    return EXIT_OK  # pragma: no cover - only a signal ends it
+
+
 async def _traces(bus: Bus, args: argparse.Namespace) -> int:
     from consumers.traces import run_traces
 
@@ -447,7 +480,7 @@ def _server(args: argparse.Namespace) -> int:
 
 _COMMANDS: Final[dict[str, Command]] = {
     "traces": _traces,
-    "metrics": _metrics,
+    "metrics": _metrics, "dashboard": _dashboard,
     "signal": _signal, "wait": _wait, "status": _status, "demo": _demo,
     "heartbeat": _heartbeat, "retry": _retry, "watchdog": _watchdog, "cleanup": _cleanup,
 }

@@ -165,6 +165,10 @@ class Views:
         """Entries of ``stream`` from ``start`` (inclusive; ``(id`` for exclusive)."""
         return await self._store.read_range(stream, start, count)
 
+    async def latest_entries(self, stream: str, count: int = 100) -> list[Entry]:
+        """The last ``count`` entries of ``stream``, newest first."""
+        return await self._store.read_latest(stream, count)
+
     async def read_hash(self, key: str) -> dict[str, str]:
         return await self._store.hgetall(key)
 

@@ -121,3 +121,9 @@ class Store(SignalOps, UpkeepOps):
         async with self._on(stream) as redis:
             raw = await redis.xrange(stream, min=start, count=count)
         return _decode_entries(raw)
+
+    async def read_latest(self, stream: str, count: int) -> list[Entry]:
+        """The last ``count`` entries of ``stream``, newest first (``XREVRANGE``)."""
+        async with self._on(stream) as redis:
+            raw = await redis.xrevrange(stream, count=count)
+        return _decode_entries(raw)
