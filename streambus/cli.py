@@ -2,7 +2,8 @@
 
 Exit codes: 0 done, 1 unexpected error, 2 timeout (wait deadline or ACK timeout), 3 a watched
 peer is dead, 4 the bus cannot be reached, 5 a retry backlog is full, 64 invalid input
-(nothing was written), 128+N ended by signal N (the wait is recorded as cancelled).
+(nothing was written), 77 not permitted (authentication failed, or the server's ACL refused a
+command or key), 128+N ended by signal N (the wait is recorded as cancelled).
 """
 
 from __future__ import annotations
