@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from streambus import __version__
+from streambus.acl import ROLES, acl_rules
 from streambus.bus import Bus, connect
 from streambus.config import ENV_NAMESPACE, ENV_URL, Settings, parse_duration
 from streambus.errors import (
@@ -193,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=_duration, default=10.0,
                    help="end a signal's span after no new ACK for this long (default 10s)")
 
+    p = sub.add_parser(
+        "acl", parents=[common],
+        help="print the ACL rules of a role, to follow 'ACL SETUSER <name> on ><password>'")
+    p.add_argument("role", choices=ROLES,
+                   help="agent: wait, signal, heartbeat, retry, ACKs; observer: status and "
+                        "metrics reads, read-only; projector: the consumers (metrics, traces, "
+                        "watchdog); admin: all of it plus cleanup")
+    p.add_argument("--swarm", default=None, help="only this swarm's keys (default: every "
+                                                 "swarm of the namespace)")
+
     p = sub.add_parser("server", parents=[common], help="run the embedded server in the foreground")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--stop", action="store_true", help="stop the background embedded server")
@@ -226,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "server":
             return _server(args)
+        if args.command == "acl":
+            print(acl_rules(args.role, Settings.resolve(None, args.namespace).namespace,
+                            args.swarm))
+            return EXIT_OK
         return anyio.run(_run_with_signals, _COMMANDS[args.command], args)
     except StreambusError as exc:
         code = exit_code_of(exc)

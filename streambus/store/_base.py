@@ -164,6 +164,14 @@ class Script:
     def sha(self) -> str:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
+    @property
+    def read_only(self) -> bool:
+        """Declared ``#!lua flags=no-writes``: run as ``EVALSHA_RO``, which a read-only ACL
+        user may run on keys it can only read (``EVALSHA`` needs write permission on every
+        declared key)."""
+        first = self.source.partition("\n")[0]
+        return first.startswith("#!lua") and "no-writes" in first
+
 
 class _Scripts:
     """The scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
@@ -178,6 +186,7 @@ class _Scripts:
         self._known: dict[str, Script] = {
             path.stem: Script.from_file(path) for path in sorted(_LUA_DIR.glob("*.lua"))}
         self._sha = {name: script.sha for name, script in self._known.items()}
+        self._read_only = {script.sha for script in self._known.values() if script.read_only}
         for name, sha in self._sha.items():
             name_script(sha, name)
 
@@ -186,6 +195,8 @@ class _Scripts:
             if script.name not in self._known:
                 self._known[script.name] = script
                 self._sha[script.name] = script.sha
+                if script.read_only:
+                    self._read_only.add(script.sha)
                 name_script(script.sha, script.name)
             return script.sha, script.source
         return self._sha[script], self._known[script].source
@@ -195,15 +206,18 @@ class _Scripts:
         """Run one script (a core script by name, or an application's ``Script``) through
         ``client``; callers translate errors."""
         sha, source = self._script(script)
+        run = client.evalsha_ro if sha in self._read_only else client.evalsha
         try:
-            return await client.evalsha(sha, len(keys), *keys, *args)
+            return await run(sha, len(keys), *keys, *args)
         except rex.NoScriptError:  # a restarted server, or a newly promoted replica
             await client.script_load(source)
-            return await client.evalsha(sha, len(keys), *keys, *args)
+            return await run(sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Add one script call to a pipeline being built for :meth:`pipeline`."""
-        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+        sha = self._sha[name]
+        run = pipe.evalsha_ro if sha in self._read_only else pipe.evalsha
+        run(sha, len(keys), *keys, *args)
 
     async def pipeline(self, client: Any, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` queues, in one round trip; replies or exceptions.
