@@ -22,7 +22,7 @@ import msgspec
 from streambus import __version__
 from streambus.acl import ROLES, acl_rules
 from streambus.bus import Bus, connect
-from streambus.config import ENV_NAMESPACE, ENV_URL, Settings, parse_duration
+from streambus.config import ENV_NAMESPACE, ENV_URL, ENV_URL_FILE, Settings, parse_duration
 from streambus.errors import (
     AckTimeout,
     InvalidInput,
@@ -82,7 +82,9 @@ def _add_common(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         return value if defaults else argparse.SUPPRESS
 
     parser.add_argument("--redis-url", default=default(None),
-                        help=f"Redis/Valkey URL (env {ENV_URL}; default: the embedded server)")
+                        help=f"Redis/Valkey URL (env {ENV_URL}, or a file named by "
+                             f"{ENV_URL_FILE}: keeps a password out of ps; default: the "
+                             "embedded server)")
     parser.add_argument("--namespace", default=default(None),
                         help=f"key namespace (env {ENV_NAMESPACE}; default: streambus)")
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),

@@ -53,6 +53,12 @@ class NotPermitted(StreambusError, PermissionError):
     Retrying cannot help; the credentials or the user's ACL rules must change."""
 
 
+class CertificateRejected(NotPermitted):
+    """TLS failed on a certificate: the server's could not be verified (``ssl_ca_certs`` does
+    not name the CA that signed it, or the host name does not match), or the server refused
+    ours (mutual TLS). No retry can help."""
+
+
 class EmbeddedServerError(BusUnavailable):
     """The embedded server could not be started or found."""
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import redis.exceptions as rex
 
-from streambus.errors import BusUnavailable, NotPermitted, StreambusError
+from streambus.errors import BusUnavailable, CertificateRejected, NotPermitted, StreambusError
 
 
 class GroupMissing(StreambusError):
@@ -157,6 +158,9 @@ def translate(exc: BaseException, user: str | None = None) -> BaseException:
     # a wrong password.
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return _auth_failed(user, str(exc))
+    if isinstance(exc, rex.ConnectionError | OSError) and (
+            rejected := _certificate_problem(exc)) is not None:
+        return rejected
     if isinstance(exc, rex.ResponseError):
         code, message = error_code(exc), _SCRIPT_SUFFIX.sub("", str(exc))
         command = getattr(exc, _COMMAND_ATTR, "")
@@ -182,6 +186,26 @@ def translate(exc: BaseException, user: str | None = None) -> BaseException:
     if isinstance(exc, rex.RedisError):
         return StreambusError(f"Redis client error: {exc}")
     return exc
+
+
+def _certificate_problem(exc: BaseException) -> CertificateRejected | None:
+    """A TLS failure about a certificate, found in ``exc``'s chain (redis-py wraps the ``ssl``
+    error in a ConnectionError); ``None`` for anything else, which stays retryable."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return CertificateRejected(
+                f"TLS: the server's certificate cannot be verified: {seen.verify_message} "
+                "(ssl_ca_certs must name the CA that signed it, and the host must match it)")
+        if (isinstance(seen, ssl.SSLError) and "CERTIFICATE" in (reason := seen.reason or "")) \
+                or (isinstance(seen, ssl.SSLError) and reason.endswith("UNKNOWN_CA")):
+            return CertificateRejected(
+                f"TLS: the server refused the client certificate ({reason.lower()}): give "
+                "ssl_certfile and ssl_keyfile signed by a CA the server trusts")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _auth_failed(user: str, message: str) -> NotPermitted:

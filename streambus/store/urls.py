@@ -80,15 +80,22 @@ class Endpoint:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password replaced by ``***``.
+
+    A password that breaks the URL rules (an unescaped ``/``, ``?`` or ``#`` in it) still never
+    shows: when the host part holds no ``@``, everything up to the last ``@`` is taken for the
+    credentials (hiding too much rather than too little).
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
     netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
+        netloc, slash, tail = rest, "", ""
     userinfo, at, hostpart = netloc.rpartition("@")
     if not at:
         return url
-    user = userinfo.partition(":")[0]
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
     return f"{scheme}://{user}:***@{hostpart}{slash}{tail}"
 
 
