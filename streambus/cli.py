@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML profile with lifecycle hooks per agent type")
     p.add_argument("--agent-type", default="coordinator",
                    help="which agent type's hooks of the profile apply (default coordinator)")
+    p.add_argument("--require-signed", action="store_true",
+                   help="deliver only signals signed with the swarm's key (STREAMBUS_SIGNING_KEY "
+                        "or STREAMBUS_SIGNING_KEY_FILE); others are dead-lettered and wake "
+                        "nobody")
 
     p = sub.add_parser("heartbeat", parents=[common], help="heartbeat until SIGTERM/SIGINT")
     p.add_argument("swarm")
@@ -339,7 +343,7 @@ async def _wait(bus: Bus, args: argparse.Namespace) -> int:
     coordinator = bus.coordinator(args.swarm, args.coordinator, liveness=liveness, hooks=hooks)
     delivery = await coordinator.wait_for(
         args.channel, timeout=args.timeout, iteration=args.iteration, watch=args.watch,
-        reconnect_budget=args.reconnect_budget)
+        reconnect_budget=args.reconnect_budget, require_signed=args.require_signed)
     _print(delivery.as_dict())
     return EXIT_OK
 

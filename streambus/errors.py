@@ -66,14 +66,19 @@ class EmbeddedServerError(BusUnavailable):
 class WaitTimeout(StreambusError, TimeoutError):
     """A wait reached its deadline (in server time) without a signal."""
 
-    def __init__(self, coordinator: str, channel: str, deadline_ms: int) -> None:
+    def __init__(self, coordinator: str, channel: str, deadline_ms: int,
+                 rejected: Sequence[str] = ()) -> None:
+        turned_away = (f"; {len(rejected)} signal(s) refused and dead-lettered meanwhile, "
+                       f"last: {rejected[-1]}") if rejected else ""
         super().__init__(
             f"coordinator {coordinator!r} timed out waiting on {channel!r} "
-            f"(deadline {deadline_ms} ms server time)"
+            f"(deadline {deadline_ms} ms server time){turned_away}"
         )
         self.coordinator = coordinator
         self.channel = channel
         self.deadline_ms = deadline_ms
+        self.rejected = tuple(rejected)
+        """Why signals that arrived were refused (``wait --require-signed``)."""
 
 
 class AckTimeout(StreambusError, TimeoutError):
