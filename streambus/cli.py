@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _validate(args)
         log_format = resolve_log_format(args.log_format)
     except (_UsageError, InvalidInput) as exc:
-        print(str(exc), file=sys.stderr)
+        print(_one_line(str(exc)), file=sys.stderr)
         return EXIT_USAGE
     # Without -v the CLI's stderr is its one-line verdict; the library's logs (transitions,
     # reconnect attempts) are for -v.
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreambusError as exc:
         code = exit_code_of(exc)
         prefix = "bus unavailable: " if code == EXIT_UNAVAILABLE else ""
-        print(f"streambus: {prefix}{exc}", file=sys.stderr)
+        print(_one_line(f"streambus: {prefix}{exc}"), file=sys.stderr)
         return code
     except _Signalled as exc:
         if args.command in ("heartbeat", "watchdog", "traces", "metrics"):
@@ -264,6 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streambus: unexpected error: {cause!r} (run with -v for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR
+
+
+def _one_line(message: str) -> str:
+    """A verdict stays one line even when it quotes input holding line breaks."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -108,7 +108,10 @@ def parse_url(url: str) -> Endpoint:
     kind, tls = _SCHEMES[scheme.lower()]
     if scheme.lower() == "unix":
         return Endpoint(url, kind, tls)
-    split = urlsplit(url)
+    try:
+        split = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced '[' (IPv6 brackets)
+        raise _invalid(url, str(exc)) from None
     userinfo, at, hostlist = split.netloc.rpartition("@")
     username = password = None
     if at:
@@ -166,4 +169,10 @@ def _options(url: str, query: str, *, strict: bool) -> dict[str, str]:
 
 
 def _invalid(url: str, why: str) -> InvalidInput:
+    # ``why`` quotes a piece of the URL, which in a malformed URL may hold the password.
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    for secret in (userinfo.partition(":")[2], userinfo):
+        if secret:
+            why = why.replace(secret, "***")
     return InvalidInput(f"invalid Redis URL {redact(url)!r}: {why}; expected {_FORMS}")
