@@ -40,6 +40,7 @@ from streambus.schema import (
     Signal,
     encode,
 )
+from streambus.signing import Keyring
 from streambus.store import Durability, Limits, Script, Store
 from streambus.tracing import current_carrier, trace_id_of
 from streambus.views import Views
@@ -72,8 +73,11 @@ class Bus(Views):
     """A connection to the bus. Create with :func:`connect`; use as an async context manager."""
 
     def __init__(self, store: Store, namespace: str, *, publish_retry_budget_s: float = 10.0,
-                 block_ms: int = 2000, dispatcher_idle_s: float = 30.0) -> None:
+                 block_ms: int = 2000, dispatcher_idle_s: float = 30.0,
+                 signing: Keyring | None = None) -> None:
         self._store = store
+        self.signing = signing
+        """Signs every signal published (and verifies ``require_signed`` waits), if set."""
         self.namespace = validate_id(namespace, "namespace")
         self.publish_retry_budget_s = publish_retry_budget_s
         self.block_ms = block_ms
@@ -165,8 +169,11 @@ class Bus(Views):
         keys.channel(channel)
         if sender:
             validate_id(sender, "sender id")
+        key_id, sig = (self.signing.sign_signal(swarm, channel, signal_id, sender, payload)
+                       if self.signing is not None else ("", ""))
         event = Signal(signal_id=signal_id, swarm=swarm, channel=channel, sender=sender,
-                       payload=payload, trace=current_carrier() if trace is None else trace)
+                       payload=payload, trace=current_carrier() if trace is None else trace,
+                       key_id=key_id, sig=sig)
         raw = _encode_checked(event)
         stream_id, duplicate = await self._runtime.retrying(
             lambda: self._store.publish(keys, channel, signal_id, raw, durability=durability)
@@ -259,7 +266,8 @@ class Bus(Views):
                     liveness: Liveness | None = None, hooks: Hooks | None = None
                     ) -> Coordinator:
         """A handle for one coordinator of ``swarm`` (see :class:`Coordinator`)."""
-        return Coordinator(self._runtime, swarm, coordinator_id, liveness=liveness, hooks=hooks)
+        return Coordinator(self._runtime, swarm, coordinator_id, liveness=liveness, hooks=hooks,
+                           signing=self.signing)
 
     async def wait_for(
         self,
@@ -272,11 +280,13 @@ class Bus(Views):
         watch: Sequence[str] = (),
         reconnect_budget: float = DEFAULT_RECONNECT_BUDGET_S,
         on_retry: RetryHandler | None = None,
+        require_signed: bool = False,
     ) -> Delivery:
         """Shorthand for ``bus.coordinator(swarm, coordinator).wait_for(channel, ...)``."""
         return await self.coordinator(swarm, coordinator).wait_for(
             channel, timeout=timeout, iteration=iteration, watch=watch,
-            reconnect_budget=reconnect_budget, on_retry=on_retry)
+            reconnect_budget=reconnect_budget, on_retry=on_retry,
+            require_signed=require_signed)
 
     # -- for projectors, watchdogs and applications on the bus --------------------------------
 
@@ -332,6 +342,7 @@ async def connect(
     publish_retry_budget_s: float = 10.0,
     block_ms: int = 2000,
     dispatcher_idle_s: float = 30.0,
+    signing: Keyring | None = None,
 ) -> AsyncIterator[Bus]:
     """Connect to the bus at ``redis_url`` (or ``STREAMBUS_REDIS_URL``, or the embedded server).
 
@@ -339,8 +350,11 @@ async def connect(
     retries a lost connection. ``block_ms``: how long one blocking read waits on the server
     before it is renewed (keep it well under the 5 s socket timeout). ``dispatcher_idle_s``:
     a swarm's dispatcher (a task and a connection) is retired after this long without waiters.
+    ``signing``: the keys that sign every signal published and verify ``require_signed``
+    waits (default: ``STREAMBUS_SIGNING_KEY`` / ``STREAMBUS_SIGNING_KEY_FILE``, if set).
     """
     settings = Settings.resolve(redis_url, namespace)
+    signing = signing if signing is not None else Keyring.from_env()
     url = settings.redis_url
     if url is None:
         from streambus.server import ensure_server
@@ -350,7 +364,7 @@ async def connect(
     try:
         await store.ping()
         bus = Bus(store, settings.namespace, publish_retry_budget_s=publish_retry_budget_s,
-                  block_ms=block_ms, dispatcher_idle_s=dispatcher_idle_s)
+                  block_ms=block_ms, dispatcher_idle_s=dispatcher_idle_s, signing=signing)
     except BaseException:
         await store.aclose()
         raise

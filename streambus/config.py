@@ -12,6 +12,9 @@ from streambus.keys import validate_id
 from streambus.store.urls import parse_url
 
 ENV_URL: Final = "STREAMBUS_REDIS_URL"
+ENV_URL_FILE: Final = "STREAMBUS_REDIS_URL_FILE"
+"""A file holding the URL (a mounted secret): keeps the password out of ``ps`` and of the
+environment of every child process."""
 ENV_NAMESPACE: Final = "STREAMBUS_NAMESPACE"
 DEFAULT_NAMESPACE: Final = "streambus"
 DEFAULT_WAIT_TIMEOUT_S: Final = 30 * 60.0
@@ -31,6 +34,22 @@ def parse_duration(text: str) -> float:
     return float(match["number"]) * _UNIT_SECONDS[match["unit"]]
 
 
+def _url_from_file() -> str | None:
+    """The URL in the file ``STREAMBUS_REDIS_URL_FILE`` names (its first line), if set."""
+    path = os.environ.get(ENV_URL_FILE)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            url = file.readline(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise InvalidInput(f"cannot read {ENV_URL_FILE} {path!r}: {why}") from None
+    if not url:
+        raise InvalidInput(f"{ENV_URL_FILE} {path!r} holds no URL")
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Where the bus is. ``redis_url=None`` means the embedded server of this user."""
@@ -40,8 +59,9 @@ class Settings:
 
     @classmethod
     def resolve(cls, redis_url: str | None = None, namespace: str | None = None) -> Settings:
-        """Arguments first, then ``STREAMBUS_REDIS_URL`` / ``STREAMBUS_NAMESPACE``."""
-        url = redis_url or os.environ.get(ENV_URL) or None
+        """Arguments first, then ``STREAMBUS_REDIS_URL`` (or the file named by
+        ``STREAMBUS_REDIS_URL_FILE``) / ``STREAMBUS_NAMESPACE``."""
+        url = redis_url or os.environ.get(ENV_URL) or _url_from_file() or None
         ns = namespace or os.environ.get(ENV_NAMESPACE) or DEFAULT_NAMESPACE
         if url is not None:
             parse_url(url)  # a malformed URL is one line (exit 64) before anything connects

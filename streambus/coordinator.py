@@ -44,6 +44,7 @@ from streambus.schema import (
     encode,
     stream_id_ms,
 )
+from streambus.signing import Keyring
 from streambus.store import WaitStart
 from streambus.tracing import trace_id_of
 from streambus.waiter import Received, Waiter
@@ -85,8 +86,11 @@ class Coordinator:
     """
 
     def __init__(self, runtime: Runtime, swarm: str, coordinator_id: str, *,
-                 liveness: Liveness | None = None, hooks: Hooks | None = None) -> None:
+                 liveness: Liveness | None = None, hooks: Hooks | None = None,
+                 signing: Keyring | None = None) -> None:
         self._runtime = runtime
+        self.signing = signing
+        """The keys a ``require_signed`` wait verifies signals with."""
         self._store = runtime.store
         self.keys = runtime.keys(swarm)
         self.swarm = swarm
@@ -131,6 +135,7 @@ class Coordinator:
         watch: Sequence[str] = (),
         reconnect_budget: float = DEFAULT_RECONNECT_BUDGET_S,
         on_retry: RetryHandler | None = None,
+        require_signed: bool = False,
     ) -> Delivery:
         """Block until a signal arrives on ``channel``; acknowledge it and return it.
 
@@ -142,8 +147,15 @@ class Coordinator:
         heartbeats lapse, :class:`BusUnavailable` when Redis stays unreachable for longer than
         ``reconnect_budget`` seconds. ``on_retry`` handles retry requests sent to this
         coordinator while it waits (each is acknowledged after the handler returns).
+
+        ``require_signed``: deliver only signals signed with a key of the coordinator's keyring
+        for this swarm and channel; any other goes to the dead-letter stream with its reason
+        and wakes nobody (a timeout then names what was refused).
         """
         stream = self.keys.channel(channel)
+        if require_signed and self.signing is None:
+            raise InvalidInput("a wait that requires signed signals needs a signing key "
+                               "(STREAMBUS_SIGNING_KEY or STREAMBUS_SIGNING_KEY_FILE)")
         peers = [validate_id(peer, "peer id") for peer in watch]
         if timeout < 0 or reconnect_budget < 0:
             raise InvalidInput("timeout and reconnect budget must not be negative")
@@ -187,6 +199,8 @@ class Coordinator:
                 raise
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
                         reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
+        if require_signed and (keyring := self.signing) is not None:
+            waiter.verify = lambda signal: keyring.verify_signal(signal, self.swarm, channel)
         self._waiter = waiter
         try:
             async with self._runtime.dispatchers.lease(self.keys) as dispatcher:
@@ -297,7 +311,7 @@ class Coordinator:
                 coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
                 outcome=Outcome.TIMEOUT, detail="deadline reached",
                 started_ms=start.started_ms))
-            raise WaitTimeout(self.id, waiter.channel, start.deadline_ms)
+            raise WaitTimeout(self.id, waiter.channel, start.deadline_ms, waiter.rejected)
         signal = outcome.signal
         delivery = Delivery(signal, self.id, outcome.stream_id, outcome.ack_id, waiter.iteration)
         log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
@@ -342,7 +356,7 @@ class Coordinator:
                 await self._store.end_wait(self.keys, self.id, channel, iteration,
                                            BlockingState.after(outcome), event, token=token)
                 recorded = True
-            except BusUnavailable as exc:
+            except StreambusError as exc:  # the bus is away, or refuses (an ACL)
                 log.warning("could not record %s for %s: %s", outcome, self.id, exc,
                             extra=self._facts(channel, iteration, "record_failed",
                                               outcome=outcome))

@@ -313,6 +313,9 @@ class Dispatcher:
             event = decode_fields(fields)
             if not isinstance(event, Signal):
                 raise MalformedEvent(f"a {type(event).__name__} event on a signal channel")
+            if waiter.verify is not None and (problem := waiter.verify(event)) is not None:
+                waiter.rejected.append(problem)  # a forgery wakes nobody: dead-lettered
+                raise MalformedEvent(problem, fields)
         except UnknownEvent as exc:
             # A newer writer's event type: not for this reader, and not poison either.
             log.info("swarm %s: skipped %s on %s for %s", self.keys.swarm, exc.reason, stream_id,

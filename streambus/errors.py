@@ -53,6 +53,12 @@ class NotPermitted(StreambusError, PermissionError):
     Retrying cannot help; the credentials or the user's ACL rules must change."""
 
 
+class CertificateRejected(NotPermitted):
+    """TLS failed on a certificate: the server's could not be verified (``ssl_ca_certs`` does
+    not name the CA that signed it, or the host name does not match), or the server refused
+    ours (mutual TLS). No retry can help."""
+
+
 class EmbeddedServerError(BusUnavailable):
     """The embedded server could not be started or found."""
 
@@ -60,14 +66,19 @@ class EmbeddedServerError(BusUnavailable):
 class WaitTimeout(StreambusError, TimeoutError):
     """A wait reached its deadline (in server time) without a signal."""
 
-    def __init__(self, coordinator: str, channel: str, deadline_ms: int) -> None:
+    def __init__(self, coordinator: str, channel: str, deadline_ms: int,
+                 rejected: Sequence[str] = ()) -> None:
+        turned_away = (f"; {len(rejected)} signal(s) refused and dead-lettered meanwhile, "
+                       f"last: {rejected[-1]}") if rejected else ""
         super().__init__(
             f"coordinator {coordinator!r} timed out waiting on {channel!r} "
-            f"(deadline {deadline_ms} ms server time)"
+            f"(deadline {deadline_ms} ms server time){turned_away}"
         )
         self.coordinator = coordinator
         self.channel = channel
         self.deadline_ms = deadline_ms
+        self.rejected = tuple(rejected)
+        """Why signals that arrived were refused (``wait --require-signed``)."""
 
 
 class AckTimeout(StreambusError, TimeoutError):

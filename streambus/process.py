@@ -17,6 +17,7 @@ from streambus.errors import (
     Backpressure,
     BusUnavailable,
     InvalidInput,
+    NotPermitted,
     PeerDead,
     StreambusError,
     WaitTimeout,
@@ -31,9 +32,12 @@ EXIT_PEER_DEAD: Final = 3
 EXIT_UNAVAILABLE: Final = 4
 EXIT_BACKPRESSURE: Final = 5
 EXIT_USAGE: Final = 64
+EXIT_NOT_PERMITTED: Final = 77
+"""Authentication failed, or the server's ACL refused a command or key (sysexits' EX_NOPERM)."""
 
 _EXIT_CODES: Final[tuple[tuple[type[StreambusError], int], ...]] = (
     (InvalidInput, EXIT_USAGE),
+    (NotPermitted, EXIT_NOT_PERMITTED),
     (WaitTimeout, EXIT_TIMEOUT),
     (PeerDead, EXIT_PEER_DEAD),
     (Backpressure, EXIT_BACKPRESSURE),

@@ -87,6 +87,10 @@ class Signal(Event, tag="signal", frozen=True, kw_only=True):
     payload: Any = None
     trace: dict[str, str] = {}
     """W3C trace-context carrier of the publisher (``traceparent``/``tracestate``)."""
+    key_id: str = ""
+    """The signing key's id, when the publisher signed (``streambus.signing``)."""
+    sig: str = ""
+    """HMAC-SHA256 over (swarm, channel, signal id, sender, payload); ``""`` unsigned."""
 
 
 class Ack(Event, tag="ack", frozen=True, kw_only=True):

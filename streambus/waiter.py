@@ -7,6 +7,7 @@ withdraws it and reads its :data:`Outcome`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -67,6 +68,10 @@ class Waiter:
     deferred: BaseException | None = None
     """An error (a dead peer) to end the wait with once the delivery in flight lands."""
     settled: anyio.Event = field(default_factory=anyio.Event)
+    verify: Callable[[Signal], str | None] | None = None
+    """Set for a wait that takes only signed signals: why a signal fails, or ``None``."""
+    rejected: list[str] = field(default_factory=list)
+    """Why the signals this waiter refused failed (dead-lettered, they woke nobody)."""
 
     def __repr__(self) -> str:
         return (f"<Waiter {self.coordinator!r} on {self.keys.swarm}/{self.channel} "

@@ -65,7 +65,7 @@ def make_untrusted_ca(directory: Path) -> Path:
 @contextmanager
 def tls_server(directory: Path, files: TLSFiles,
                auth_clients: Literal["no", "optional", "yes"] = "optional",
-               ) -> Iterator[ServerProcess]:
+               password: str | None = None) -> Iterator[ServerProcess]:
     """A ``redis-server`` listening on TLS only (``port 0``); stopped on exit.
 
     Calls :func:`tests.tools.missing` where no TLS-capable ``redis-server`` is installed.
@@ -75,7 +75,7 @@ def tls_server(directory: Path, files: TLSFiles,
         missing("needs Debian's redis-server (built with TLS): apt-get install redis-server")
         raise AssertionError("unreachable")  # pragma: no cover - missing() never returns
     server = ServerProcess(Path(found), directory / "redis-tls",
-                           tls=files.server_tls(auth_clients))
+                           tls=files.server_tls(auth_clients), password=password)
     try:
         server.start()
     except TopologyError:

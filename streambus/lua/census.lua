@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- Count coordinators by (state, channel) of their blocking-state hashes, for metrics.
 -- KEYS[1..n] state hashes (one swarm). Hashes gone (expired) are not counted.
 -- Returns {state, channel, count, ...} (channel '' when the hash has none).

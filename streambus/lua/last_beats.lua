@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- Server time and the last beat of each peer, read together so ages are in server time.
 -- KEYS[1] alive zset; ARGV peers. Returns {now_ms, beat_ms or false, ...}.
 local t = redis.call('TIME')

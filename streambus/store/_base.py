@@ -14,7 +14,7 @@ import redis.exceptions as rex
 
 from streambus.errors import BusUnavailable, DurabilityNotReached
 from streambus.keys import SwarmKeys
-from streambus.store._errors import translate, translated
+from streambus.store._errors import name_script, remember_command, translate, translated
 from streambus.store._nodes import Nodes
 
 log = logging.getLogger("streambus.store")
@@ -111,13 +111,14 @@ class Limits:
 Durability = Literal["none", "fsync", "replicated"]
 
 
-def _check_durability(level: Durability, reply: Any, stream_id: str) -> None:
+def _check_durability(level: Durability, reply: Any, stream_id: str, user: str | None
+                      ) -> None:
     if isinstance(reply, rex.ResponseError):
         raise DurabilityNotReached(
             f"signal {stream_id} was appended, but durability {level!r} is unavailable: {reply}"
         )
     if isinstance(reply, BaseException):
-        raise translate(reply)
+        raise translate(reply, user)
     confirmed = int(reply[0]) if level == "fsync" else int(reply)
     if confirmed < 1:
         raise DurabilityNotReached(
@@ -134,10 +135,10 @@ def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
     return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
-def _scripted_read(reply: Any) -> list[Entry] | BaseException:
+def _scripted_read(reply: Any, user: str | None) -> list[Entry] | BaseException:
     """One read of the deliver script: ``[]``, ``[[stream, entries]]`` or ``['ERR', message]``."""
     if reply and reply[0] == b"ERR":
-        return translate(rex.ResponseError(reply[1].decode()))
+        return translate(rex.ResponseError(reply[1].decode()), user)
     if not reply:
         return []
     return [(entry_id.decode(), _field_map(flat)) for entry_id, flat in reply[0][1]]
@@ -165,6 +166,14 @@ class Script:
     def sha(self) -> str:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
+    @property
+    def read_only(self) -> bool:
+        """Declared ``#!lua flags=no-writes``: run as ``EVALSHA_RO``, which a read-only ACL
+        user may run on keys it can only read (``EVALSHA`` needs write permission on every
+        declared key)."""
+        first = self.source.partition("\n")[0]
+        return first.startswith("#!lua") and "no-writes" in first
+
 
 class _Scripts:
     """The scripts, run by ``EVALSHA`` and loaded when the server lacks them (``NOSCRIPT``,
@@ -179,12 +188,18 @@ class _Scripts:
         self._known: dict[str, Script] = {
             path.stem: Script.from_file(path) for path in sorted(_LUA_DIR.glob("*.lua"))}
         self._sha = {name: script.sha for name, script in self._known.items()}
+        self._read_only = {script.sha for script in self._known.values() if script.read_only}
+        for name, sha in self._sha.items():
+            name_script(sha, name)
 
     def _script(self, script: str | Script) -> tuple[str, str]:
         if isinstance(script, Script):
             if script.name not in self._known:
                 self._known[script.name] = script
                 self._sha[script.name] = script.sha
+                if script.read_only:
+                    self._read_only.add(script.sha)
+                name_script(script.sha, script.name)
             return script.sha, script.source
         return self._sha[script], self._known[script].source
 
@@ -193,15 +208,18 @@ class _Scripts:
         """Run one script (a core script by name, or an application's ``Script``) through
         ``client``; callers translate errors."""
         sha, source = self._script(script)
+        run = client.evalsha_ro if sha in self._read_only else client.evalsha
         try:
-            return await client.evalsha(sha, len(keys), *keys, *args)
+            return await run(sha, len(keys), *keys, *args)
         except rex.NoScriptError:  # a restarted server, or a newly promoted replica
             await client.script_load(source)
-            return await client.evalsha(sha, len(keys), *keys, *args)
+            return await run(sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Any, name: str, *, keys: Sequence[str], args: Sequence[Any]) -> None:
         """Add one script call to a pipeline being built for :meth:`pipeline`."""
-        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+        sha = self._sha[name]
+        run = pipe.evalsha_ro if sha in self._read_only else pipe.evalsha
+        run(sha, len(keys), *keys, *args)
 
     async def pipeline(self, client: Any, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` queues, in one round trip; replies or exceptions.
@@ -212,7 +230,11 @@ class _Scripts:
         for attempt in range(2):
             async with client.pipeline(transaction=False) as pipe:
                 build(pipe)
+                sent = [args for args, _options in pipe.command_stack]
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
+            for args, reply in zip(sent, replies, strict=True):
+                if isinstance(reply, rex.ResponseError):
+                    remember_command(reply, args)
             if attempt == 0 and any(isinstance(r, rex.NoScriptError) for r in replies):
                 for script in list(self._known.values()):
                     await client.script_load(script.source)
@@ -228,12 +250,17 @@ class _StoreBase:
     _scripts: _Scripts
     limits: Limits
 
+    @property
+    def _user(self) -> str | None:
+        """Who the store authenticates as (``None``: the default user), for refusals."""
+        return self._nodes.endpoint.username
+
     @contextlib.asynccontextmanager
     async def _guarded(self) -> AsyncIterator[None]:
         """Translate errors; after one that may mean the topology changed (anything
         :class:`BusUnavailable`), resolve it again before the next command."""
         try:
-            with translated():
+            with translated(self._user):
                 yield
         except BusUnavailable:
             self._nodes.stale()

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import anyio
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -33,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from streambus.errors import BusUnavailable
-from streambus.store._errors import translated
+from streambus.store._errors import remember_command, translated
 from streambus.store.urls import Endpoint
 
 SOCKET_TIMEOUT_S: Final = 5.0
@@ -41,6 +42,19 @@ CONNECT_TIMEOUT_S: Final = 2.0
 TOPOLOGY_QUERY_S: Final = 1.0
 """How long one node or sentinel may take to say where the masters are."""
 Address = tuple[str, int]
+
+
+class _Client(aioredis.Redis):
+    """redis-py's client, remembering on an error reply which command drew it: a refusal
+    then names the command and its keys (the server names neither the key nor, inside a
+    script, the command)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except rex.ResponseError as exc:
+            remember_command(exc, args)
+            raise
 
 
 def _no_retries() -> Retry:
@@ -74,7 +88,7 @@ class Nodes:
             return
         async with self._lock:
             if self._stale:
-                with translated():
+                with translated(self.endpoint.username):
                     await self._resolve()
                 self._stale = False
 
@@ -115,7 +129,7 @@ class Nodes:
                 max_connections=self.max_connections, timeout=None, host=host, port=port,
                 connection_class=SSLConnection if self.endpoint.tls else Connection,
                 **self._connection_kwargs())
-            client = self._clients[address] = aioredis.Redis.from_pool(pool)
+            client = self._clients[address] = _Client.from_pool(pool)
         return client
 
     def open_reader(self, key: str, *, socket_timeout: float) -> Any:
@@ -126,7 +140,7 @@ class Nodes:
         if self.endpoint.tls:
             kwargs["connection_class"] = SSLConnection
         pool = aioredis.ConnectionPool(host=host, port=port, max_connections=1, **kwargs)
-        reader = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        reader = _Client(connection_pool=pool, single_connection_client=True)
         reader.auto_close_connection_pool = True  # closing the reader closes its connection
         return reader
 
@@ -148,7 +162,7 @@ class SingleNode(Nodes):
             endpoint.url, max_connections=max_connections, timeout=None,
             socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
             retry=_no_retries())
-        self._only: Any = aioredis.Redis.from_pool(pool)
+        self._only: Any = _Client.from_pool(pool)
 
     def client(self, key: str) -> Any:
         return self._only
@@ -157,7 +171,7 @@ class SingleNode(Nodes):
         return [self._only]
 
     def open_reader(self, key: str, *, socket_timeout: float) -> Any:
-        return aioredis.Redis.from_url(
+        return _Client.from_url(
             self.endpoint.url, single_connection_client=True, socket_timeout=socket_timeout,
             socket_connect_timeout=CONNECT_TIMEOUT_S, retry=_no_retries())
 
@@ -236,6 +250,8 @@ class ClusterMasters(Nodes):
                 # A frozen node accepts the connection and never answers: ask the next one.
                 with anyio.fail_after(TOPOLOGY_QUERY_S):
                     reply = await self._client_at(address).execute_command("CLUSTER SLOTS")
+            except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError):
+                raise  # refused, not unreachable: no other node will think otherwise
             except Exception as exc:
                 failures.append(f"{address[0]}:{address[1]}: {exc}")
                 continue

@@ -36,7 +36,7 @@ class BlockingReader:
     @contextlib.asynccontextmanager
     async def _client(self) -> AsyncIterator[Any]:
         try:
-            with translated():
+            with translated(self._nodes.endpoint.username):
                 if self._redis is None:
                     await self._nodes.fresh()
                     self._redis = self._nodes.open_reader(

@@ -96,10 +96,10 @@ class SignalOps(_StoreBase):
             replies = await self._scripts.pipeline(redis, build)
         published = replies[0]
         if isinstance(published, BaseException):
-            raise translate(published)
+            raise translate(published, self._user)
         dup, stream_id = published
         if durability != "none":
-            _check_durability(durability, replies[1], stream_id.decode())
+            _check_durability(durability, replies[1], stream_id.decode(), self._user)
         return stream_id.decode(), bool(dup)
 
     async def _has_waitaof(self, redis: Any) -> bool:
@@ -214,7 +214,7 @@ class SignalOps(_StoreBase):
         out: list[str | BaseException] = []
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, BaseException):
-                out.extend([translate(reply)] * len(chunk))
+                out.extend([translate(reply, self._user)] * len(chunk))
             else:
                 out.extend(ack_id.decode() for ack_id in reply)
         return out
@@ -244,12 +244,12 @@ class SignalOps(_StoreBase):
         last_ids = []
         for reply in replies[: len(probes)]:
             if isinstance(reply, Exception):
-                raise translate(reply)
+                raise translate(reply, self._user)
             last_ids.append(reply[0][0].decode() if reply else "0-0")
         reads_out: list[list[Entry] | BaseException] = []
         for chunk, reply in zip(_chunks(reads), replies[len(probes):], strict=True):
             if isinstance(reply, BaseException):
-                reads_out.extend([translate(reply)] * len(chunk))
+                reads_out.extend([translate(reply, self._user)] * len(chunk))
             else:
-                reads_out.extend(_scripted_read(one) for one in reply)
+                reads_out.extend(_scripted_read(one, self._user) for one in reply)
         return last_ids, reads_out

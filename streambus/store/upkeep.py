@@ -66,7 +66,7 @@ class UpkeepOps(_StoreBase):
         counts: dict[tuple[str, str], int] = {}
         for reply in replies:
             if isinstance(reply, BaseException):
-                raise translate(reply)
+                raise translate(reply, self._user)
             for state, channel, n in zip(reply[::3], reply[1::3], reply[2::3], strict=True):
                 key = (state.decode(), channel.decode())
                 counts[key] = counts.get(key, 0) + int(n)
@@ -88,7 +88,7 @@ class UpkeepOps(_StoreBase):
                 groups = []
             for reply in (length, groups):
                 if isinstance(reply, BaseException):
-                    raise translate(reply)
+                    raise translate(reply, self._user)
             out[stream] = StreamInfo(int(length), [
                 GroupInfo(g["name"].decode(), int(g["pending"]),
                           None if g.get("lag") is None else int(g["lag"]))

@@ -80,15 +80,22 @@ class Endpoint:
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with any password replaced by ``***``.
+
+    A password that breaks the URL rules (an unescaped ``/``, ``?`` or ``#`` in it) still never
+    shows: when the host part holds no ``@``, everything up to the last ``@`` is taken for the
+    credentials (hiding too much rather than too little).
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
     netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
+        netloc, slash, tail = rest, "", ""
     userinfo, at, hostpart = netloc.rpartition("@")
     if not at:
         return url
-    user = userinfo.partition(":")[0]
+    user = userinfo.partition(":")[0] if ":" in userinfo else ""
     return f"{scheme}://{user}:***@{hostpart}{slash}{tail}"
 
 
@@ -101,7 +108,10 @@ def parse_url(url: str) -> Endpoint:
     kind, tls = _SCHEMES[scheme.lower()]
     if scheme.lower() == "unix":
         return Endpoint(url, kind, tls)
-    split = urlsplit(url)
+    try:
+        split = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced '[' (IPv6 brackets)
+        raise _invalid(url, str(exc)) from None
     userinfo, at, hostlist = split.netloc.rpartition("@")
     username = password = None
     if at:
@@ -159,4 +169,10 @@ def _options(url: str, query: str, *, strict: bool) -> dict[str, str]:
 
 
 def _invalid(url: str, why: str) -> InvalidInput:
+    # ``why`` quotes a piece of the URL, which in a malformed URL may hold the password.
+    rest = url.partition("://")[2]
+    userinfo = rest.rpartition("@")[0]
+    for secret in (userinfo.partition(":")[2], userinfo):
+        if secret:
+            why = why.replace(secret, "***")
     return InvalidInput(f"invalid Redis URL {redact(url)!r}: {why}; expected {_FORMS}")
