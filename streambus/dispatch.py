@@ -33,7 +33,7 @@ import anyio.abc
 from streambus.backoff import keep_running
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, UnknownEvent
 from streambus.keys import SwarmKeys
-from streambus.schema import Signal, decode_fields, stream_id_tuple
+from streambus.schema import AnyEvent, Signal, decode_fields, stream_id_tuple
 from streambus.store import Entry, GroupMissing, GroupRead, Receipt
 from streambus.waiter import Outcome, Received, Waiter, WaiterState
 
@@ -284,6 +284,7 @@ class Dispatcher:
         self, batch: list[Waiter], replies: list[list[Entry] | BaseException]
     ) -> list[tuple[Waiter, Receipt]]:
         receipts: list[tuple[Waiter, Receipt]] = []
+        decoded: dict[tuple[str, str], AnyEvent] = {}  # one signal, many waiters: decode once
         for waiter, reply in zip(batch, replies, strict=True):
             if isinstance(reply, GroupMissing):
                 # The group vanished (a restart without persistence, or cleanup): recreate it
@@ -296,21 +297,27 @@ class Dispatcher:
                     raise reply
                 self._settle(waiter, reply)
             elif not reply:
-                if waiter.read_pending:
-                    waiter.read_pending = False
-                    self._dirty.add(waiter)
+                # Nothing pending and nothing new (a pending read goes on to a new entry in
+                # the same step): read new entries from now on, when the stream grows.
+                waiter.read_pending = False
             elif waiter.state is WaiterState.ABANDONED:
                 continue
             else:
-                receipt = await self._receipt_or_dead_letter(waiter, reply[0])
+                receipt = await self._receipt_or_dead_letter(waiter, reply[0], decoded)
                 if receipt is not None:
                     receipts.append((waiter, receipt))
         return receipts
 
-    async def _receipt_or_dead_letter(self, waiter: Waiter, entry: Entry) -> Receipt | None:
+    async def _receipt_or_dead_letter(self, waiter: Waiter, entry: Entry,
+                                      decoded: dict[tuple[str, str], AnyEvent] | None = None
+                                      ) -> Receipt | None:
         stream_id, fields = entry
         try:
-            event = decode_fields(fields)
+            known = None if decoded is None else decoded.get((waiter.stream, stream_id))
+            event = decode_fields(fields) if known is None else known
+            if decoded is not None:
+                # An entry never changes: its decoding is shared (events are frozen).
+                decoded[(waiter.stream, stream_id)] = event
             if not isinstance(event, Signal):
                 raise MalformedEvent(f"a {type(event).__name__} event on a signal channel")
             if waiter.verify is not None and (problem := waiter.verify(event)) is not None:

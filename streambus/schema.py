@@ -135,7 +135,11 @@ class BlockingStarted(Event, tag="blocking_started", frozen=True, kw_only=True):
 
 
 class SignalReceived(Event, tag="signal_received", frozen=True, kw_only=True):
-    """A waiting coordinator received (and acknowledged) a signal."""
+    """A waiting coordinator received (and acknowledged) a signal.
+
+    What the ``on_signal_received`` hook gets. The bus no longer appends it to the lifecycle
+    stream (``BlockingEnded`` with outcome ``signaled`` carries the same fields, see
+    :meth:`BlockingEnded.received`), but entries written by older versions still decode."""
 
     coordinator: str
     channel: str
@@ -158,6 +162,18 @@ class BlockingEnded(Event, tag="blocking_ended", frozen=True, kw_only=True):
     started_ms: int = 0
     """When the wait began (server ms; 0 when the writer did not record it): the wait lasted
     from here to this entry's stream id."""
+    stream_id: str = ""
+    """For outcome ``signaled``: the id of the channel entry received (``""`` from writers
+    that appended a separate ``SignalReceived``, or for other outcomes)."""
+
+    def received(self) -> SignalReceived | None:
+        """The receipt a ``signaled`` end records (what a ``SignalReceived`` said), or ``None``
+        (another outcome, or an older writer's end, whose receipt was an event of its own)."""
+        if self.outcome != Outcome.SIGNALED or not self.stream_id:
+            return None
+        return SignalReceived(coordinator=self.coordinator, channel=self.channel,
+                              signal_id=self.signal_id, stream_id=self.stream_id,
+                              iteration=self.iteration, started_ms=self.started_ms)
 
 
 class ProgressRecorded(Event, tag="progress", frozen=True, kw_only=True):

@@ -67,7 +67,7 @@ class FakeStreams:
         if state is None:
             raise GroupMissing(f"NOGROUP no group {group} for {stream}")
         entries = self.streams.get(stream, [])
-        if pending:
+        if pending and state.pending:  # else a new entry, as the deliver script reads
             by_id = dict(entries)
             return [(i, by_id.get(i)) for i in state.pending[:1]]
         if state.last >= len(entries):

@@ -1,48 +1,68 @@
 -- Waiting coordinators received signals: acknowledge each and record each receipt, in one step.
 -- Idempotent per (signal, coordinator): running it twice appends nothing twice.
--- KEYS[1] acks stream, KEYS[2] events stream, KEYS[3] coordinators zset, then per receipt i:
---   KEYS[3i+1] channel stream, KEYS[3i+2] acked hash of the signal, KEYS[3i+3] state hash
+-- Receipts come grouped by the entry they received (a fan-out: one signal, many waiters), so
+-- what they share is sent and written once per group, not once per receipt.
+-- KEYS[1] acks stream, KEYS[2] events stream, KEYS[3] coordinators zset,
+--   then per group g: KEYS[2g+2] channel stream, KEYS[2g+3] acked hash of the signal,
+--   then per receipt, in group order: its coordinator's state hash
 -- ARGV[1] entry field, ARGV[2] state ttl (s), ARGV[3] events maxlen, ARGV[4] acked ttl (s),
--- then per receipt i, from ARGV[6i-1]: coordinator (= group), entry id, signal id, channel,
---   the wait's iteration, when the wait started (ms)
--- The Ack, SignalReceived and BlockingEnded events are built here (same fields as their
--- streambus.schema Structs): six short arguments per receipt instead of three encoded events,
--- which matters when one signal reaches a thousand waiters of a process.
--- Returns the Ack entry id of each receipt.
+--   ARGV[5] number of groups G, then per group g from ARGV[4g+2]: channel, signal id, entry id,
+--   receipts in the group; then per receipt, from ARGV[4G+6]: coordinator (= group), the
+--   wait's iteration, when the wait started (ms)
+-- The Ack and BlockingEnded(signaled) events are built here (same fields as their
+-- streambus.schema Structs). BlockingEnded carries the entry's stream id, so the receipt needs
+-- no SignalReceived event of its own (older writers appended one; readers still decode it).
+-- Returns the Ack entry id of each receipt, in the order given.
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local field, ttl, maxlen, acked_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local out = {}
-for i = 1, (#KEYS - 3) / 3 do
-  local stream, acked, state = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local a = 6 * i - 1
-  local coordinator, entry_id, signal_id = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  local channel, iteration, started = ARGV[a + 3], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  redis.call('XACK', stream, coordinator, entry_id)
-  local ack_id = redis.call('HGET', acked, coordinator)
-  if not ack_id then
-    ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
-      type = 'ack', v = 1, coordinator = coordinator, signal_id = signal_id,
-      channel = channel, stream_id = entry_id, iteration = iteration}))
-    redis.call('HSET', acked, coordinator, ack_id)
+local groups = tonumber(ARGV[5])
+local out, seen, seen_at = {}, {}, {}
+local k, a = 3 + 2 * groups, 6 + 4 * groups
+for g = 1, groups do
+  local stream, acked = KEYS[2 * g + 2], KEYS[2 * g + 3]
+  local b = 4 * g + 2
+  local channel, signal_id, entry_id = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local recorded = {}
+  for _ = 1, tonumber(ARGV[b + 3]) do
+    k = k + 1
+    local state, coordinator, iteration = KEYS[k], ARGV[a], ARGV[a + 1]
+    local started = tonumber(ARGV[a + 2])
+    a = a + 3
+    redis.call('XACK', stream, coordinator, entry_id)
+    -- The same receipt twice in one call (a retried chunk joined by a new one) must find the
+    -- first: the acked hash is written once per group, after the loop.
+    local once = acked .. '\0' .. coordinator
+    local ack_id = seen[once] or redis.call('HGET', acked, coordinator)
+    if not ack_id then
+      ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
+        type = 'ack', v = 1, coordinator = coordinator, signal_id = signal_id,
+        channel = channel, stream_id = entry_id, iteration = tonumber(iteration)}))
+      seen[once] = ack_id
+      recorded[#recorded + 1] = coordinator
+      recorded[#recorded + 1] = ack_id
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
+        type = 'blocking_ended', v = 1, coordinator = coordinator, channel = channel,
+        iteration = tonumber(iteration), outcome = 'signaled', signal_id = signal_id,
+        stream_id = entry_id, started_ms = started}))
+    end
+    -- Only the wait that took the signal is closed by it: a receipt confirmed late (its first
+    -- reply was lost) must not overwrite a newer wait of the same coordinator.
+    if redis.call('HGET', state, 'iteration') == iteration then
+      redis.call('HSET', state, 'state', 'signaled', 'outcome', 'signaled',
+        'last_signal', signal_id, 'last_stream_id', entry_id, 'updated_ms', now, 'ended_ms', now)
+      redis.call('EXPIRE', state, ttl)
+    end
+    seen_at[#seen_at + 1] = now
+    seen_at[#seen_at + 1] = coordinator
+    out[#out + 1] = ack_id
+  end
+  if #recorded > 0 then
+    redis.call('HSET', acked, unpack(recorded))
     redis.call('EXPIRE', acked, acked_ttl)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
-      type = 'signal_received', v = 1, coordinator = coordinator, channel = channel,
-      signal_id = signal_id, stream_id = entry_id, iteration = iteration,
-      started_ms = started}))
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
-      type = 'blocking_ended', v = 1, coordinator = coordinator, channel = channel,
-      iteration = iteration, outcome = 'signaled', signal_id = signal_id,
-      started_ms = started}))
   end
-  -- Only the wait that took the signal is closed by it: a receipt confirmed late (its first
-  -- reply was lost) must not overwrite a newer wait of the same coordinator.
-  if redis.call('HGET', state, 'iteration') == ARGV[a + 4] then
-    redis.call('HSET', state, 'state', 'signaled', 'outcome', 'signaled',
-      'last_signal', signal_id, 'last_stream_id', entry_id, 'updated_ms', now, 'ended_ms', now)
-    redis.call('EXPIRE', state, ttl)
-  end
-  redis.call('ZADD', KEYS[3], now, coordinator)
-  out[i] = ack_id
+end
+if #seen_at > 0 then
+  redis.call('ZADD', KEYS[3], unpack(seen_at))
 end
 return out

@@ -85,7 +85,7 @@ class GroupRead:
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """Everything the ``receive`` script needs to acknowledge one delivered signal (it builds
-    the Ack, SignalReceived and BlockingEnded events from these)."""
+    the Ack and BlockingEnded events from these)."""
 
     keys: SwarmKeys
     coordinator: str
@@ -135,17 +135,29 @@ def _chunks(items: Sequence[_T]) -> list[Sequence[_T]]:
     return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
-def _scripted_read(reply: Any, user: str | None) -> list[Entry] | BaseException:
-    """One read of the deliver script: ``[]``, ``[[stream, entries]]`` or ``['ERR', message]``."""
-    if reply and reply[0] == b"ERR":
-        return translate(rex.ResponseError(reply[1].decode()), user)
-    if not reply:
-        return []
-    return [(entry_id.decode(), _field_map(flat)) for entry_id, flat in reply[0][1]]
+def _scripted_reads(replies: Any, user: str | None) -> list[list[Entry] | BaseException]:
+    """The reads of one deliver script call: per read ``[]``, ``['E', id, fields]``,
+    ``['S', id]`` (the fields of an earlier read of the same entry) or ``['ERR', message]``.
+
+    Reads of the same entry share one field map (entries never change; nobody mutates it).
+    """
+    out: list[list[Entry] | BaseException] = []
+    bodies: dict[bytes, dict[bytes, bytes] | None] = {}
+    for reply in replies:
+        if not reply:
+            out.append([])
+        elif reply[0] == b"S":
+            out.append([(reply[1].decode(), bodies[reply[1]])])
+        elif reply[0] == b"E":
+            fields = bodies[reply[1]] = _field_map(reply[2])
+            out.append([(reply[1].decode(), fields)])
+        else:
+            out.append(translate(rex.ResponseError(reply[1].decode()), user))
+    return out
 
 
 def _field_map(flat: Any) -> dict[bytes, bytes] | None:
-    if not flat:
+    if not flat or not isinstance(flat, list):  # 0 or nil: deleted while pending
         return None
     return dict(zip(flat[::2], flat[1::2], strict=True))
 

@@ -20,7 +20,7 @@ from streambus.store._base import (
     _check_durability,
     _chunks,
     _decode_entries,
-    _scripted_read,
+    _scripted_reads,
     _StoreBase,
 )
 from streambus.store._errors import UnknownCommand, translate
@@ -184,20 +184,24 @@ class SignalOps(_StoreBase):
         keys = receipts[0].keys
         if any(r.keys != keys for r in receipts):
             raise ValueError("receive_many takes the receipts of one swarm")
-        def call_args(chunk: Sequence[Receipt]) -> dict[str, Any]:
+        chunks = [_grouped(chunk) for chunk in _chunks(receipts)]
+
+        def call_args(groups: list[list[Receipt]]) -> dict[str, Any]:
+            # What a group's receipts share (a fan-out: all of them) is sent once.
+            heads = [g[0] for g in groups]
             return {
-                "keys": [keys.acks, keys.events, keys.coordinators, *(
-                    k for r in chunk for k in (
-                        keys.channel(r.channel), keys.acked(r.signal_id),
-                        keys.state(r.coordinator)))],
+                "keys": [keys.acks, keys.events, keys.coordinators,
+                         *(k for r in heads for k in (keys.channel(r.channel),
+                                                      keys.acked(r.signal_id))),
+                         *(keys.state(r.coordinator) for g in groups for r in g)],
                 "args": [FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
-                         self.limits.dedupe_ttl_s, *(
-                             a for r in chunk for a in (
-                                 r.coordinator, r.stream_id, r.signal_id, r.channel,
-                                 r.iteration, r.started_ms))],
+                         self.limits.dedupe_ttl_s, len(groups),
+                         *(a for g in groups for a in (g[0].channel, g[0].signal_id,
+                                                       g[0].stream_id, len(g))),
+                         *(a for g in groups for r in g
+                           for a in (r.coordinator, r.iteration, r.started_ms))],
             }
 
-        chunks = _chunks(receipts)
         async with self._on(keys.prefix) as redis:
             if len(chunks) == 1:  # the common case, without a pipeline's overhead
                 try:
@@ -211,13 +215,15 @@ class SignalOps(_StoreBase):
                         self._scripts.queue(pipe, "receive", **call_args(chunk))
 
                 replies = await self._scripts.pipeline(redis, build)
-        out: list[str | BaseException] = []
-        for chunk, reply in zip(chunks, replies, strict=True):
+        by_receipt: dict[int, str | BaseException] = {}
+        for groups, reply in zip(chunks, replies, strict=True):
+            sent = [r for g in groups for r in g]
             if isinstance(reply, BaseException):
-                out.extend([translate(reply, self._user)] * len(chunk))
+                error = translate(reply, self._user)
+                by_receipt.update((id(r), error) for r in sent)
             else:
-                out.extend(ack_id.decode() for ack_id in reply)
-        return out
+                by_receipt.update((id(r), a.decode()) for r, a in zip(sent, reply, strict=True))
+        return [by_receipt[id(r)] for r in receipts]
 
     async def read_groups(
         self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
@@ -227,7 +233,8 @@ class SignalOps(_StoreBase):
         The probes run first, so an entry appended after a probe is either returned by a group
         read or newer than the probed id; a blocking ``XREAD`` from the probed id cannot miss it.
         The reads run as one script call per chunk: each waiter's ``XREADGROUP ... COUNT 1``,
-        delivering into its PEL and acknowledging nothing.
+        delivering into its PEL and acknowledging nothing. A ``pending`` read that finds no
+        pending entry reads a new one in the same step.
         """
         def build(pipe: Any) -> None:
             for stream in probes:
@@ -251,5 +258,14 @@ class SignalOps(_StoreBase):
             if isinstance(reply, BaseException):
                 reads_out.extend([translate(reply, self._user)] * len(chunk))
             else:
-                reads_out.extend(_scripted_read(one, self._user) for one in reply)
+                reads_out.extend(_scripted_reads(reply, self._user))
         return last_ids, reads_out
+
+
+def _grouped(receipts: Sequence[Receipt]) -> list[list[Receipt]]:
+    """Receipts by the entry they received, in order of first appearance."""
+    groups: dict[tuple[str, str, str], list[Receipt]] = {}
+    for receipt in receipts:
+        groups.setdefault((receipt.channel, receipt.stream_id, receipt.signal_id),
+                          []).append(receipt)
+    return list(groups.values())
