@@ -23,8 +23,13 @@ for g = 1, groups do
   local stream, acked = KEYS[2 * g + 2], KEYS[2 * g + 3]
   local b = 4 * g + 2
   local channel, signal_id, entry_id = ARGV[b], ARGV[b + 1], ARGV[b + 2]
-  local recorded = {}
-  for _ = 1, tonumber(ARGV[b + 3]) do
+  local n, recorded, members = tonumber(ARGV[b + 3]), {}, {}
+  for j = 1, n do
+    members[j] = ARGV[a + 3 * (j - 1)]
+  end
+  -- Who already acknowledged, asked once for the whole group.
+  local known = redis.call('HMGET', acked, unpack(members))
+  for j = 1, n do
     k = k + 1
     local state, coordinator, iteration = KEYS[k], ARGV[a], ARGV[a + 1]
     local started = tonumber(ARGV[a + 2])
@@ -33,7 +38,7 @@ for g = 1, groups do
     -- The same receipt twice in one call (a retried chunk joined by a new one) must find the
     -- first: the acked hash is written once per group, after the loop.
     local once = acked .. '\0' .. coordinator
-    local ack_id = seen[once] or redis.call('HGET', acked, coordinator)
+    local ack_id = seen[once] or known[j]
     if not ack_id then
       ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
         type = 'ack', v = 1, coordinator = coordinator, signal_id = signal_id,
