@@ -43,6 +43,8 @@ _KICK_ATTEMPTS: Final = 200
 _SETTLE_LIMIT_S: Final = 10.0
 """How long a withdrawal waits for a delivery already in flight to land."""
 _CONFIRM_LIMIT_S: Final = 5.0
+_SERVE_CHUNK: Final = 256
+"""Waiters read and acknowledged per round trip pair (the store's script chunk)."""
 
 
 class Reader(Protocol):
@@ -253,10 +255,23 @@ class Dispatcher:
             self._landed(waiter)
 
     async def _serve_dirty(self) -> None:
-        batch = [w for w in self._dirty if w.state is WaiterState.QUEUED]
+        batch = list(self._dirty)
         self._dirty.clear()
         probes = sorted(self._unprobed)
         self._unprobed.clear()
+        # Chunk by chunk: a chunk's waiters settle, and their tasks run, while the server
+        # works on the next chunk, rather than all of them after the last.
+        for start in range(0, max(1, len(batch)), _SERVE_CHUNK):
+            try:
+                await self._serve_chunk(batch[start:start + _SERVE_CHUNK],
+                                        probes if start == 0 else [])
+            except BaseException:
+                self._dirty.update(w for w in batch[start + _SERVE_CHUNK:]
+                                   if w.state is WaiterState.QUEUED)
+                raise
+
+    async def _serve_chunk(self, waiters: list[Waiter], probes: list[str]) -> None:
+        batch = [w for w in waiters if w.state is WaiterState.QUEUED]
         for waiter in batch:
             waiter.state = WaiterState.DELIVERING
         # A waiter whose receipt reply was lost must not read on: its entry may already be
