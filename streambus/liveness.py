@@ -53,19 +53,25 @@ class BeatBatcher:
     """Sends the heartbeats of every coordinator of a process in as few calls as possible.
 
     A thousand coordinators beating every 5 s from one process would cost a thousand script
-    calls per interval, each ~100 us of client CPU. Beats that fall due within ``window`` of
-    each other (coordinators started together stay in step) go out as one call per swarm; the
-    first caller of a window sends it, the others wait for its answer.
+    calls per interval, each ~100 us of client CPU, and a thousand timers and task wake-ups.
+    Beats that fall due within ``window`` of each other go out as one call per swarm; the
+    first caller of a window sends it, the others wait for its answer. After its first beat a
+    :class:`Heartbeater` joins the *roster* of its interval: one of the roster's tasks (its
+    leader) beats for all of them on the interval's grid, one call per swarm, while the others
+    sleep until cancelled, or until the leader leaves and one of them is promoted.
     """
 
     def __init__(self, store: Store, *, window: float = 0.005) -> None:
         self.store = store
         self.window = window
         self._open: dict[SwarmKeys, _Batch] = {}
+        self._rosters: dict[float, _Roster] = {}
         self.calls = 0
 
     def __repr__(self) -> str:
-        return f"<BeatBatcher window={self.window}s calls={self.calls}>"
+        members = sum(len(r.members) for r in self._rosters.values())
+        return (f"<BeatBatcher window={self.window}s calls={self.calls} "
+                f"rosters={len(self._rosters)} members={members}>")
 
     async def beat(self, keys: SwarmKeys, coordinator: str, event: bytes, failures: int) -> int:
         """Record one beat (batched); return its server time in ms."""
@@ -89,6 +95,63 @@ class BeatBatcher:
         finally:
             batch.done.set()
         return batch.now_ms
+
+    async def keep_beating(self, beater: Heartbeater) -> None:
+        """Beat for ``beater`` every interval, with its roster, until cancelled."""
+        roster = self._rosters.setdefault(beater.interval, _Roster())
+        promoted = roster.members[beater] = anyio.Event()
+        try:
+            if roster.leader is None:
+                roster.leader = beater
+            while roster.leader is not beater:
+                await promoted.wait()
+            await self._lead(roster, beater.interval)
+        finally:
+            del roster.members[beater]
+            if roster.leader is beater:
+                roster.leader = next(iter(roster.members), None)
+                if roster.leader is not None:
+                    roster.members[roster.leader].set()
+            if not roster.members and self._rosters.get(beater.interval) is roster:
+                del self._rosters[beater.interval]
+
+    async def _lead(self, roster: _Roster, interval: float) -> None:
+        # The interval's grid, as each Heartbeater's own schedule would be: drift-free. A
+        # leader that takes over keeps it, and first sends the beats of a tick its
+        # predecessor left unfinished (cancelled while sending them).
+        if roster.next_at is None:
+            roster.next_at = (math.floor(anyio.current_time() / interval) + 1) * interval
+        while True:
+            await anyio.sleep(max(0.0, roster.next_at - anyio.current_time()))
+            by_swarm: dict[SwarmKeys, list[Heartbeater]] = {}
+            for member in roster.members:
+                by_swarm.setdefault(member.keys, []).append(member)
+            for keys, members in by_swarm.items():
+                await self._beat_all(keys, members, interval)
+            roster.next_at += interval
+
+    async def _beat_all(self, keys: SwarmKeys, members: list[Heartbeater],
+                        interval: float) -> None:
+        beats = [(m.coordinator, m.event(), m.unreported) for m in members]
+        try:
+            with anyio.fail_after(max(interval, 1.0)):
+                self.calls += 1
+                now_ms = await self.store.beat_many(keys, beats)
+        except (BusUnavailable, TimeoutError) as exc:
+            for member in members:
+                member.failed(exc)
+            return
+        for member in members:
+            member.succeeded(now_ms)
+
+
+@dataclass(eq=False)
+class _Roster:
+    members: dict[Heartbeater, anyio.Event] = field(default_factory=dict)
+    """Each member's promotion: set when it is to lead."""
+    leader: Heartbeater | None = None
+    next_at: float | None = None
+    """When the roster's next beats are due (``anyio.current_time()``)."""
 
 
 @dataclass
@@ -132,32 +195,49 @@ class Heartbeater:
         """Beat now, report ready, then beat every interval on a drift-free schedule."""
         await self.beat_once()
         task_status.started()
-        # Later beats fall on a grid of the interval, so every coordinator of the process
-        # with this interval beats at the same instants, and the batcher sends one call.
+        if self.batcher is not None:
+            # With the process's other coordinators of this interval (see BeatBatcher).
+            await self.batcher.keep_beating(self)
+            return
+        # Later beats fall on a grid of the interval, as the batcher's rosters do.
         next_at = (math.floor(anyio.current_time() / self.interval) + 1) * self.interval
         while True:
             await anyio.sleep(max(0.0, next_at - anyio.current_time()))
             await self.beat_once()
             next_at += self.interval
 
+    def event(self) -> bytes:
+        """The next beat's encoded ``Heartbeat``."""
+        return encode(Heartbeat(coordinator=self.coordinator, seq=self.beats,
+                                interval_ms=round(self.interval * 1000)))
+
     async def beat_once(self) -> None:
-        event = encode(Heartbeat(coordinator=self.coordinator, seq=self.beats,
-                                 interval_ms=round(self.interval * 1000)))
+        event = self.event()
         try:
             with anyio.fail_after(max(self.interval, 1.0)):
                 if self.batcher is not None:
-                    self.last_beat_ms = await self.batcher.beat(self.keys, self.coordinator,
-                                                                event, self.unreported)
+                    now_ms = await self.batcher.beat(self.keys, self.coordinator, event,
+                                                     self.unreported)
                 else:
-                    self.last_beat_ms = await self.store.beat(self.keys, self.coordinator,
-                                                              event, failures=self.unreported)
-            self.beats += 1
-            self.unreported = 0
+                    now_ms = await self.store.beat(self.keys, self.coordinator, event,
+                                                   failures=self.unreported)
         except (BusUnavailable, TimeoutError) as exc:
-            self.failures += 1
-            self.unreported += 1
-            log.warning("heartbeat of %s failed (%d so far): %s", self.coordinator,
-                        self.failures, exc)
+            self.failed(exc)
+        else:
+            self.succeeded(now_ms)
+
+    def succeeded(self, now_ms: int) -> None:
+        """A beat was recorded at ``now_ms`` (server time), with the failures it reported."""
+        self.last_beat_ms = now_ms
+        self.beats += 1
+        self.unreported = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A beat failed: counted, and reported by the next one that succeeds."""
+        self.failures += 1
+        self.unreported += 1
+        log.warning("heartbeat of %s failed (%d so far): %s", self.coordinator, self.failures,
+                    exc)
 
 
 class PeerWatch:

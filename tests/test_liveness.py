@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 import streambus
 from streambus import BusUnavailable, Delivery, Liveness, PeerDead, WaitTimeout
 from streambus.bus import Bus
 from streambus.liveness import Heartbeater
+from tests.fakes import until
 from tests.helpers import until_states
 from tests.servers import ServerProcess
 
@@ -254,3 +256,30 @@ async def test_many_coordinators_of_a_process_beat_in_few_calls(bus: Bus) -> Non
     later_beats = sum(beater.beats for beater in beaters) - len(names)
     later_calls = bus._runtime.beats.calls - len(names)  # the first beats went out one by one
     assert later_calls < later_beats / 20
+
+
+async def test_a_roster_keeps_beating_when_its_leader_leaves(bus: Bus) -> None:
+    """The coordinators of a process beat from one task; when that coordinator stops, another
+    takes over on the same schedule, and a stopped one is beaten for no more."""
+    keys = bus.keys("roster")
+    beaters = [Heartbeater(bus._store, keys, f"r{n}", FAST.heartbeat_interval,
+                           batcher=bus._runtime.beats) for n in range(3)]
+    scopes = [anyio.CancelScope() for _ in beaters]
+
+    async def run(beater: Heartbeater, scope: anyio.CancelScope, *,
+                  task_status: anyio.abc.TaskStatus[None]) -> None:
+        with scope:
+            await beater.run(task_status=task_status)
+
+    async with anyio.create_task_group() as tg:
+        for beater, scope in zip(beaters, scopes, strict=True):
+            await tg.start(run, beater, scope)
+        await until(lambda: min(b.beats for b in beaters) >= 2, within=10)
+        scopes[0].cancel()  # the first to join leads the roster
+        left_with = beaters[0].beats
+        after = [b.beats for b in beaters[1:]]
+        await until(lambda: all(b.beats >= a + 2 for b, a in zip(beaters[1:], after, strict=True)),
+                    within=10)
+        tg.cancel_scope.cancel()
+    assert beaters[0].beats == left_with
+    assert all(b.failures == 0 for b in beaters)
