@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import anyio
@@ -17,6 +19,7 @@ from consumers.traces import SignalTraces, run_traces
 from streambus.bus import Bus, Delivery, Published
 from streambus.projection import Projector
 from streambus.schema import Ack, Signal, decode_fields, encode, stream_id_ms
+from streambus.tracing import context_from, trace_id_of
 from tests.clitools import Cli, finish
 from tests.helpers import until_states
 from tests.otlp import OtlpCollector
@@ -274,3 +277,34 @@ async def test_cli_traces_exports_and_exits_0_on_sigterm(
     assert "Traceback" not in err
     assert "signal ch" in collector.names()  # ...the projector stops: ended and flushed
     assert [span.resource["service.name"] for span in collector.spans()] == ["streambus"] * 2
+
+
+@pytest.mark.parametrize("traceparent", [
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ",
+    "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+    "garbage", "",
+])
+def test_a_traceparent_is_read_without_opentelemetry_as_its_propagator_reads_it(
+    traceparent: str
+) -> None:
+    """``trace_id_of`` reads a W3C traceparent itself (a waiter need not load OpenTelemetry to
+    log a signal's trace id), with the default propagator's verdict on every form."""
+    carrier = {"traceparent": traceparent}
+    context = trace.get_current_span(context_from(carrier)).get_span_context()
+    expected = trace.format_trace_id(context.trace_id) if context.is_valid else ""
+    assert trace_id_of(carrier) == expected
+
+
+def test_without_the_opentelemetry_api_loaded_nothing_loads_it() -> None:
+    """A process that never imported OpenTelemetry publishes and logs without importing it."""
+    code = ("import sys, streambus.tracing as t; assert t.current_carrier() == {}; "
+            "assert t.current_trace_id() == ''; "
+            "assert t.trace_id_of({'traceparent': '00-' + '1' * 32 + '-' + '2' * 16 + '-01'}); "
+            "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'loaded'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,6 +18,9 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 
+from streambus.cli import _lean  # noqa: F401  (first: it imports the Redis client lean)
+
+# isort: split
 from streambus.acl import acl_rules
 from streambus.bus import Bus, connect
 from streambus.cli.parser import UsageError, build_parser
