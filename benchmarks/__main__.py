@@ -39,9 +39,10 @@ from benchmarks.workloads.cleanup import run_cleanup
 from benchmarks.workloads.heartbeat import run_heartbeat
 from benchmarks.workloads.loss import run_loss
 from benchmarks.workloads.memory import run_memory
+from benchmarks.workloads.oneshot import run_oneshot
 from benchmarks.workloads.retries import run_retries
 
-WORKLOADS: Final = ("fanout", "loss", "retries", "heartbeat", "memory", "cleanup")
+WORKLOADS: Final = ("fanout", "loss", "retries", "heartbeat", "memory", "cleanup", "oneshot")
 Workload = tuple[str, str, int, Callable[[Session], Awaitable[dict[str, Any]]]]
 
 
@@ -60,6 +61,7 @@ def plan(preset: Preset) -> Iterator[Workload]:
                partial(run_memory, coordinators=n))
     yield ("cleanup", "cleanup", 2, partial(run_cleanup, stale=preset.cleanup_stale,
                                             active=preset.cleanup_active))
+    yield "oneshot", "one-shot CLI calls", 2, partial(run_oneshot, runs=preset.oneshot_runs)
 
 
 class Harness:

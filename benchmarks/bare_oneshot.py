@@ -11,13 +11,14 @@ fine), ``XREADGROUP ... COUNT 1`` from the group's start, ``XACK``. Run as a pla
 
 import json
 import sys
+from typing import Any
 
 import redis
 
 
 def main(argv: list[str]) -> int:
     command, url, stream = argv[:3]
-    client = redis.Redis.from_url(url)
+    client: Any = redis.Redis.from_url(url)  # its reply types are unions; bytes here
     if command == "signal":
         entry_id = client.xadd(stream, {"e": argv[3]})
         print(json.dumps({"stream_id": entry_id.decode()}))

@@ -24,12 +24,13 @@ class Preset:
     memory_coordinators: tuple[int, ...]
     cleanup_stale: int
     cleanup_active: int
+    oneshot_runs: int = 15
 
     @property
     def steps(self) -> int:
         """Progress steps of the whole run (each workload's own, see the runner)."""
         return (sum(spec.steps for spec in self.fanouts) + 5 + 2 + 2
-                + len(self.memory_coordinators) + 2)
+                + len(self.memory_coordinators) + 2 + 2)
 
 
 def _plans(rounds: int, *, fast_poll: int, slow_poll: int, acks: bool = True,
@@ -75,6 +76,7 @@ CI = Preset(
     ),
     loss_trials=2, retry_requests=500, heartbeat_coordinators=50, heartbeat_interval_s=0.5,
     heartbeat_window_s=0.5, memory_coordinators=(50,), cleanup_stale=200, cleanup_active=10,
+    oneshot_runs=3,
 )
 
 SMALL = Preset(
@@ -100,7 +102,7 @@ FULL = Preset(
     ),
     loss_trials=30, retry_requests=100_000, heartbeat_coordinators=1000,
     heartbeat_interval_s=5.0, heartbeat_window_s=15.0, memory_coordinators=(1000, 10_000),
-    cleanup_stale=10_000, cleanup_active=100,
+    cleanup_stale=10_000, cleanup_active=100, oneshot_runs=30,
 )
 
 PRESETS = {preset.name: preset for preset in (CI, SMALL, FULL)}
