@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import redis.exceptions as rex
 
@@ -73,17 +73,18 @@ class StreamInfo:
     groups: list[GroupInfo]
 
 
-@dataclass(frozen=True, slots=True)
-class GroupRead:
-    """One ``XREADGROUP`` to run in a batch: read ``group``'s pending entries or new ones."""
+class GroupRead(NamedTuple):
+    """One ``XREADGROUP`` to run in a batch: read ``group``'s pending entries or new ones.
+
+    (A named tuple, as :class:`Receipt`: a fan-out builds one per waiter on every wake, and a
+    tuple is built several times faster than a frozen dataclass.)"""
 
     stream: str
     group: str
     pending: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(NamedTuple):
     """Everything the ``receive`` script needs to acknowledge one delivered signal (it builds
     the Ack and BlockingEnded events from these)."""
 
