@@ -259,16 +259,30 @@ class Dispatcher:
         self._dirty.clear()
         probes = sorted(self._unprobed)
         self._unprobed.clear()
-        # Chunk by chunk: a chunk's waiters settle, and their tasks run, while the server
-        # works on the next chunk, rather than all of them after the last.
-        for start in range(0, max(1, len(batch)), _SERVE_CHUNK):
+        chunks = [batch[i:i + _SERVE_CHUNK] for i in range(0, len(batch), _SERVE_CHUNK)]
+        if len(chunks) <= 1:
+            await self._serve_chunk(chunks[0] if chunks else [], probes)
+            return
+        if probes:
+            # The probes come first, on their own: every chunk's reads must run after them
+            # (the cursor rule), and chunks in flight together arrive in no set order.
+            await self._serve_chunk([], probes)
+        # Chunks in flight together, each on a connection of the pool: the server works on
+        # some while this process settles others (whose waiters' tasks then run), instead
+        # of every waiter settling after the last chunk.
+        failures: list[Exception] = []
+
+        async def serve(chunk: list[Waiter]) -> None:
             try:
-                await self._serve_chunk(batch[start:start + _SERVE_CHUNK],
-                                        probes if start == 0 else [])
-            except BaseException:
-                self._dirty.update(w for w in batch[start + _SERVE_CHUNK:]
-                                   if w.state is WaiterState.QUEUED)
-                raise
+                await self._serve_chunk(chunk, [])
+            except Exception as exc:  # its waiters are queued again (see _serve_chunk)
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for chunk in chunks:
+                tg.start_soon(serve, chunk)
+        if failures:
+            raise failures[0]
 
     async def _serve_chunk(self, waiters: list[Waiter], probes: list[str]) -> None:
         batch = [w for w in waiters if w.state is WaiterState.QUEUED]
