@@ -19,6 +19,7 @@ from streambus.errors import (
     EmbeddedServerError,
     InvalidId,
     InvalidInput,
+    LeaseLost,
     MalformedEvent,
     NotPermitted,
     PayloadTooLarge,
@@ -28,6 +29,7 @@ from streambus.errors import (
     WaitTimeout,
 )
 from streambus.hooks import Hooks
+from streambus.lease import Lease
 from streambus.liveness import Liveness
 from streambus.retries import RetryHandler, RetrySent
 from streambus.schema import (
@@ -67,6 +69,8 @@ __all__ = [
     "Hooks",
     "InvalidId",
     "InvalidInput",
+    "Lease",
+    "LeaseLost",
     "Limits",
     "Liveness",
     "MalformedEvent",

@@ -144,6 +144,14 @@ class SwarmKeys:
         return f"{self.prefix}:retry:{validate_id(coordinator, 'coordinator id')}"
 
     @property
+    def leases(self) -> str:
+        """Prefix of the swarm's leases (``leases:<job>``): one holder per job at a time."""
+        return f"{self.prefix}:leases"
+
+    def lease(self, job: str) -> str:
+        return f"{self.leases}:{job}"
+
+    @property
     def retry_backlog(self) -> str:
         """Hash coordinator -> retry requests appended and not yet processed."""
         return f"{self.prefix}:retry-backlog"

@@ -218,6 +218,20 @@ async def test_projector_keeps_its_groups_and_reports_dead(secured: Secured) -> 
             await bus.publish(SWARM, "proj", None)  # a projector cannot forge a signal
 
 
+@pytest.mark.anyio
+async def test_projector_holds_a_lease_and_nothing_else_by_it(secured: Secured) -> None:
+    """The trace projector's lease (GET/SET on its own key) works under the role, and those
+    commands reach no other key."""
+    async with streambus.connect(secured.url("projector"), namespace=NS) as bus:
+        lease = bus.lease(SWARM, "traces", ttl=5)
+        await lease.acquire()
+        assert lease.held
+        await lease.release()
+    with (redis.Redis.from_url(secured.url("projector")) as client,
+          pytest.raises(redis.exceptions.NoPermissionError)):
+        client.set(f"{NS}:{{{SWARM}}}:events", 1)
+
+
 def test_projector_cannot_clean_up(cli: Cli, secured: Secured) -> None:
     assert cli.run("wait", SWARM, "old", "ch", "--timeout", "1ms",
                    *secured.args("agent")).returncode == 2
