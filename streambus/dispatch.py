@@ -166,12 +166,21 @@ class Dispatcher:
                   ) -> None:
         """Serve waiters until cancelled. Connection loss is retried, never fatal."""
         failing_since: float | None = None
+        cycle_started = anyio.current_time()
+
+        async def cycle() -> None:
+            nonlocal cycle_started
+            cycle_started = anyio.current_time()
+            await self._cycle()
 
         def unavailable(exc: Exception) -> None:
+            # The server is counted unavailable from the start of the first operation that got
+            # no answer, not from when the failure surfaced: a refused connection (a killed
+            # server) surfaces at once, a frozen server or a cut link only at the socket
+            # timeout; the reconnect budget must count both the same way.
             nonlocal failing_since
-            now = anyio.current_time()
-            failing_since = failing_since if failing_since is not None else now
-            self._after_disconnect(exc, now - failing_since)
+            failing_since = failing_since if failing_since is not None else cycle_started
+            self._after_disconnect(exc, anyio.current_time() - failing_since)
 
         def recovered() -> None:
             nonlocal failing_since
@@ -185,7 +194,7 @@ class Dispatcher:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 task_status.started()
-                await keep_running(self._cycle, on_unavailable=unavailable,
+                await keep_running(cycle, on_unavailable=unavailable,
                                    on_recovered=recovered)
         finally:
             with anyio.CancelScope(shield=True):
