@@ -171,7 +171,18 @@ class Dispatcher:
         async def cycle() -> None:
             nonlocal cycle_started
             cycle_started = anyio.current_time()
-            await self._cycle()
+            try:
+                await self._cycle()
+            except BusUnavailable:
+                raise
+            except StreambusError as exc:
+                # A verdict on the reads themselves (an ACL refusing them): no retry cures it,
+                # so every waiter served now ends with it, and the dispatcher serves on.
+                log.warning("swarm %s: %s", self.keys.swarm, exc,
+                            extra={"event": "dispatch_failed", "swarm": self.keys.swarm})
+                for watchers in list(self._by_stream.values()):
+                    for waiter in list(watchers):
+                        self.fail(waiter, exc)
 
         def unavailable(exc: Exception) -> None:
             # The server is counted unavailable from the start of the first operation that got

@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
 import pytest
 import redis
 
 import streambus
 from consumers.metrics import SwarmEvents
 from consumers.watchdog import Watchdog
+from streambus.acl import acl_rules
 from streambus.errors import NotPermitted
 from streambus.testing.servers import ServerProcess
 from tests.clitools import Cli, finish, one_json_object, one_line_message
@@ -269,3 +271,18 @@ def test_no_role_runs_dangerous_commands(secured: Secured, user: str,
 def test_no_role_reaches_keys_outside_its_namespace(secured: Secured, user: str) -> None:
     with secured.client(user) as client, pytest.raises(redis.exceptions.NoPermissionError):
         client.hgetall("elsewhere:{sw}:counters")
+
+
+@pytest.mark.anyio
+async def test_a_refused_read_ends_the_wait_not_the_dispatcher(secured: Secured) -> None:
+    """A user that may start a wait but not read its channel (a role edited by hand): the
+    wait ends with NotPermitted at once, never at its deadline, and the bus serves on."""
+    rules = acl_rules("agent", NS, SWARM).split()
+    with secured.server.client() as root:
+        root.execute_command("ACL", "SETUSER", "noread", "on", ">noread-pw", *rules,
+                             "-xreadgroup")
+    url = f"redis://noread:noread-pw@127.0.0.1:{secured.server.port}/0"
+    async with streambus.connect(url, namespace=NS) as bus:
+        for _ in range(2):  # the second wait finds the dispatcher still serving
+            with anyio.fail_after(10), pytest.raises(NotPermitted, match="user 'noread'"):
+                await bus.wait_for(SWARM, "blind", "ch", timeout=60)

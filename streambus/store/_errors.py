@@ -163,6 +163,8 @@ def translate(exc: BaseException, user: str | None = None) -> BaseException:
         return rejected
     if isinstance(exc, rex.ResponseError):
         code, message = error_code(exc), _SCRIPT_SUFFIX.sub("", str(exc))
+        if code and message.startswith(f"{code} "):  # an error a script returned as text
+            message = message[len(code) + 1:]
         command = getattr(exc, _COMMAND_ATTR, "")
         if pipelined := _PIPELINED.fullmatch(message):
             command = command or describe_command(pipelined["command"].split())
