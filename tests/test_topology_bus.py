@@ -243,3 +243,17 @@ def _swarms_on_two_masters(bus: Bus, cluster: LocalCluster) -> tuple[str, str]:
     first, second = by_master.values()
     assert key_slot(bus.keys(first).prefix.encode()) != key_slot(bus.keys(second).prefix.encode())
     return first, second
+
+
+def test_the_cfn_demo_runs_on_the_topology(cli: Cli, topology: Topology) -> None:
+    """The CFN Loop end to end (its own Lua script, run through ``bus.run_script`` on the
+    master of the swarm's slot), then listed by ``status`` from every master."""
+    common = ["--redis-url", topology.url, "--namespace", f"t{uuid.uuid4().hex[:10]}"]
+    demo = cli.run("demo", "--pace", "0", "--seed", "5", "--json", *common)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads(demo.stdout.strip().splitlines()[-1])
+    assert summary["phases"]
+    assert all(p["state"] for p in summary["phases"])
+    listed = cli.run("status", "--json", *common)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["swarms"], "the demo's swarm is listed"
