@@ -23,6 +23,7 @@ only adds it, withdraws it and reads its :data:`Outcome`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
@@ -30,7 +31,7 @@ from typing import Final, Protocol
 import anyio
 import anyio.abc
 
-from streambus.backoff import keep_running
+from streambus.backoff import keep_running, retry_within
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, UnknownEvent
 from streambus.keys import SwarmKeys
 from streambus.schema import Signal, decode_fields, stream_id_tuple
@@ -385,14 +386,16 @@ class Dispatcher:
         ask again (idempotent) rather than report a timeout for a signal recorded received."""
         receipt = waiter.unconfirmed
         assert receipt is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CONFIRM_LIMIT_S):
-            try:
-                [result] = await self._store.receive_many([receipt])
-            except BusUnavailable:
-                result = BusUnavailable(
-                    f"signal {receipt.signal_id} was delivered to {waiter.coordinator!r} but its "
-                    f"receipt could not be confirmed; wait again with iteration="
-                    f"{waiter.iteration} once the bus is back to learn the outcome")
+        budget = min(waiter.reconnect_budget_s, _CONFIRM_LIMIT_S)
+        waiter.outcome = BusUnavailable(
+            f"signal {receipt.signal_id} was delivered to {waiter.coordinator!r} but its "
+            f"receipt could not be confirmed; the next wait on {waiter.channel!r} learns the "
+            f"outcome (and returns the signal if it was received)")
+        # The bus is often back within moments (a restart, a failover): retried, the receipt
+        # is confirmed and the wait returns its signal late, not an error.
+        with (anyio.CancelScope(shield=True), anyio.move_on_after(budget + _CONFIRM_LIMIT_S),
+              contextlib.suppress(BusUnavailable)):
+            [result] = await retry_within(lambda: self._store.receive_many([receipt]), budget)
             if isinstance(result, BaseException):
                 waiter.outcome = result
             else:
