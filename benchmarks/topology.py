@@ -187,6 +187,49 @@ async def throughput_block(topology: Topology, bus: streambus.Bus, preset: Topol
             "masters_cpu_us_per_publish": round(1e6 * cpu / max(1, len(latencies)), 1)}
 
 
+async def _clients(topology: Topology) -> tuple[int, int]:
+    """(connected, blocked) clients summed over every master."""
+    masters = await anyio.to_thread.run_sync(topology.masters)
+    connected = blocked = 0
+    for node in masters:
+        admin = _admin_of(node)
+        try:
+            info = await admin.info("clients")
+            connected += int(info["connected_clients"]) - 1  # not this admin client
+            blocked += int(info["blocked_clients"])
+        finally:
+            await admin.aclose()
+    return connected, blocked
+
+
+async def connections_block(topology: Topology, waiters: int = 100,
+                            swarm_counts: Sequence[int] = (1, 10)) -> dict[str, Any]:
+    """Server connections one process holds: a fresh bus with ``waiters`` coordinators blocked,
+    spread over 1 and over 10 swarms (counted on every master, while all are blocked)."""
+    out: dict[str, Any] = {"waiters": waiters}
+    for count in swarm_counts:
+        idle, blocked_before = await _clients(topology)
+        async with streambus.connect(topology.url, namespace=NAMESPACE) as bus, \
+                anyio.create_task_group() as tg:
+            connected_bus, _ = await _clients(topology)
+            for index in range(waiters):
+                tg.start_soon(_wait_quietly, bus, f"conn{count}-{index % count}", f"c{index}")
+            with anyio.fail_after(60):
+                # The server's count of blocked reads is the only signal there is.
+                while (seen := await _clients(topology))[1] < blocked_before + count:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            out[f"swarms_{count}"] = {"connections": seen[0] - idle,
+                                      "after_connect_only": connected_bus - idle,
+                                      "blocked_reads": seen[1] - blocked_before}
+            tg.cancel_scope.cancel()
+    return out
+
+
+async def _wait_quietly(bus: streambus.Bus, swarm: str, coordinator: str) -> None:
+    with contextlib.suppress(streambus.WaitTimeout):
+        await bus.wait_for(swarm, coordinator, CHANNEL, timeout=120)
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -250,7 +293,8 @@ def summarize_run(preset: TopologyPreset, results: dict[Kind, dict[str, list[dic
                     "not_confirmed": sum(r["not_confirmed"] for r in rows)}
         out[kind] = {"fanout_latency": latency, "missed": sum(
             f["systems"][STREAMBUS]["missed"] for f in parts["fanout"]),
-            "per_waiter": _per_waiter(parts["fanout"], coordinators), "throughput": throughput}
+            "per_waiter": _per_waiter(parts["fanout"], coordinators), "throughput": throughput,
+            "connections": (parts.get("connections") or [{}])[0]}
     base = out.get("single")
     for summary in out.values():
         if base is None:
@@ -283,6 +327,8 @@ async def measure(preset: TopologyPreset, topologies: dict[Kind, Topology],
             for kind, topology in topologies.items():
                 title = f"block {block + 1}/{preset.blocks}: {kind}"
                 with reporter.workload(title, preset.rounds + 3):
+                    if block == 0:
+                        results[kind]["connections"] = [await connections_block(topology)]
                     results[kind]["fanout"].append(
                         await fanout_block(topology, buses[kind], preset, block, reporter))
                     for level in ("none", "replicated") if kind != "single" else ("none",):
@@ -368,6 +414,15 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"| {kind} | {per.get('delivery_cpu_us', '-')} | "
                      f"{per.get('cycle_cpu_us', '-')} | {per.get('cycle_commands_total', '-')} "
                      f"| {commands} |")
+    lines += ["", "## Connections one process holds (a fresh bus, 100 coordinators blocked)",
+              "", "| topology | 1 swarm | 10 swarms | bus connected, nothing waiting |",
+              "| --- | ---: | ---: | ---: |"]
+    for kind, s in doc["summary"].items():
+        conn = s["connections"]
+        if conn:
+            lines.append(f"| {kind} | {conn['swarms_1']['connections']} | "
+                         f"{conn['swarms_10']['connections']} | "
+                         f"{conn['swarms_1']['after_connect_only']} |")
     return "\n".join(lines) + "\n"
 
 
