@@ -221,6 +221,14 @@ def render(doc: dict[str, Any]) -> str:
             f"| {cell['topology']} | {cell['durability']} | {cell['trials']} | "
             f"{cell['acked']:,} | {cell['in_flight_at_kill_acked']} | {cell['lost']} | "
             f"{failed} | {cell['first_ack_after_kill_s']} | {cell['serving_s']} |")
+    losses = [r for r in doc["trials"] if r["lost"]]
+    if losses:
+        lines += ["", "Trials that lost acknowledged signals:", ""]
+        lines += [f"- {r['topology']} / {r['durability']} trial {r['trial']}: {r['lost']:,} of "
+                  f"{r['acked']:,} lost, acknowledged {r['lost_acked_s'][0]} s to "
+                  f"{r['lost_acked_s'][1]} s after the SIGKILL; the killed node back after "
+                  f"{r['healed_s']} s; master afterwards: port {r['master_after']}"
+                  for r in losses]
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +246,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--binary", choices=("valkey", "redis"), default="valkey",
                         help="redis: Debian's 7.0 has no WAITAOF, so 'fsync' fails every "
                              "publish there")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="run the servers in DIR and keep it (their logs and configs: "
+                             "sentinel-*/server.log tells who was promoted when)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
 
@@ -256,9 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_facts(), "topologies": kinds}
     steps = len(kinds) * len(args.durability) * args.trials
     try:
-        with tempfile.TemporaryDirectory(prefix="streambus-loss-") as tmp, \
-                contextlib.ExitStack() as stack, Reporter(steps, quiet=args.quiet) as reporter:
-            topologies = {k: stack.enter_context(started(k, Path(tmp), binary, appendonly=True,
+        with contextlib.ExitStack() as stack, Reporter(steps, quiet=args.quiet) as reporter:
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=False)
+                where = args.keep
+            else:
+                where = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix="streambus-loss-")))
+            topologies = {k: stack.enter_context(started(k, where, binary, appendonly=True,
                                                          config=PERSISTENCE)) for k in kinds}
             rows = anyio.run(measure, topologies, args, reporter)
     except KeyboardInterrupt:
