@@ -7,8 +7,9 @@ server: the same scripts, the same pipelines, ``WAIT``/``WAITAOF`` on the connec
 the write. Only *which* master is the topology's business:
 
 * one server: the URL's;
-* Sentinel: the one the sentinels name, asked again after every connection loss (a demoted
-  master's clients are killed by Sentinel at failover, so it is never written to again);
+* Sentinel: the one the sentinels name, asked again after every connection loss and every
+  second (a replaced master can accept writes for seconds before Sentinel reconfigures it, and
+  those writes are then discarded: see ``docs/topologies.md``);
 * Cluster: the master of the key's slot, from a slot map asked from any reachable node and asked
   again after any ``MOVED``, ``ASK``, ``CLUSTERDOWN``, ``READONLY`` or connection loss.
 
@@ -41,6 +42,9 @@ SOCKET_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 2.0
 TOPOLOGY_QUERY_S: Final = 1.0
 """How long one node or sentinel may take to say where the masters are."""
+SENTINEL_RECHECK_S: Final = 1.0
+RECHECK_LIMIT_S: Final = 0.25
+"""A periodic recheck (no error seen) waits this long at most, then keeps the known master."""
 Address = tuple[str, int]
 
 
@@ -72,6 +76,9 @@ class Nodes:
         self._clients: dict[Address, Any] = {}
         self._stale = True
         self._lock = anyio.Lock()
+        self._recheck_s: float | None = None
+        """Ask the topology again this often even without an error (Sentinel: see there)."""
+        self._resolved_at = 0.0
 
     @property
     def kind(self) -> str:
@@ -83,14 +90,25 @@ class Nodes:
         self._stale = True
 
     async def fresh(self) -> None:
-        """Resolve the topology if it is stale (one caller resolves; the others wait)."""
-        if not self._stale:
+        """Resolve the topology if it is stale (one caller resolves; the others wait), or
+        recheck it if it is due; a recheck that gets no answer keeps what is known."""
+        if not self._stale and not self._recheck_due():
             return
         async with self._lock:
             if self._stale:
                 with translated(self.endpoint.username):
                     await self._resolve()
                 self._stale = False
+            elif self._recheck_due():
+                with anyio.move_on_after(RECHECK_LIMIT_S), contextlib.suppress(BusUnavailable):
+                    await self._resolve()
+            else:
+                return
+            self._resolved_at = anyio.current_time()
+
+    def _recheck_due(self) -> bool:
+        return (self._recheck_s is not None
+                and anyio.current_time() - self._resolved_at >= self._recheck_s)
 
     async def _resolve(self) -> None:
         raise NotImplementedError
@@ -201,6 +219,11 @@ class SentinelMaster(Nodes):
         self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(endpoint.hosts), sentinel_kwargs=sentinel_kwargs)
         self._master: Address | None = None
+        # A master that Sentinel replaced may go on accepting writes until it is reconfigured
+        # (seconds, with no error to its clients): writes there are discarded when it becomes
+        # a replica. Asking the sentinels every second bounds that window for this process;
+        # `durability="replicated"` (or min-replicas-to-write on the server) closes it.
+        self._recheck_s = SENTINEL_RECHECK_S
 
     async def _resolve(self) -> None:
         try:
