@@ -153,6 +153,8 @@ def error_code(exc: rex.ResponseError) -> str:
 def translate(exc: BaseException, user: str | None = None) -> BaseException:
     """The streambus error for ``exc`` (anything not from redis-py is returned as is);
     ``user`` is the user the client authenticates as (``None``: the default user)."""
+    if isinstance(exc, StreambusError):
+        return exc  # translated already (NotPermitted is an OSError: never "unreachable")
     user = user or "default"
     # Before ConnectionError: redis-py raises these as connection errors, but no retry cures
     # a wrong password.

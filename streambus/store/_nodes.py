@@ -230,6 +230,7 @@ class SentinelMaster(Nodes):
             with anyio.fail_after(TOPOLOGY_QUERY_S * len(self.endpoint.hosts)):
                 host, port = await self._sentinel.discover_master(self.endpoint.service)
         except Exception as exc:  # MasterNotFoundError, or every sentinel unreachable
+            await self._refused_by_sentinels()
             raise BusUnavailable(
                 f"no sentinel of {self.endpoint.redacted} names a master for "
                 f"{self.endpoint.service!r}: {exc}") from None
@@ -239,6 +240,20 @@ class SentinelMaster(Nodes):
             for address in [a for a in self._clients if a != self._master]:
                 with contextlib.suppress(Exception):
                     await self._clients.pop(address).aclose()
+
+    async def _refused_by_sentinels(self) -> None:
+        """redis-py's discovery treats a sentinel that refuses our credentials like one that
+        is down; ask one directly, so that a wrong password is a refusal (exit 77), not an
+        outage retried until a budget runs out."""
+        for sentinel in self._sentinel.sentinels:
+            try:
+                with anyio.fail_after(TOPOLOGY_QUERY_S):
+                    await sentinel.ping()
+            except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError):
+                raise
+            except Exception:  # down: the next may answer
+                continue
+            return
 
     def address(self, key: str) -> Address:
         if self._master is None:
