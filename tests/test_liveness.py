@@ -254,3 +254,13 @@ async def test_many_coordinators_of_a_process_beat_in_few_calls(bus: Bus) -> Non
     later_beats = sum(beater.beats for beater in beaters) - len(names)
     later_calls = bus._runtime.beats.calls - len(names)  # the first beats went out one by one
     assert later_calls < later_beats / 20
+
+
+async def test_a_swarm_that_only_beats_is_listed(bus: Bus) -> None:
+    """A coordinator that heartbeats and never waited makes its swarm known to ``status``
+    (and the dashboard), as one that waits or a channel does."""
+    async with bus.coordinator("beats-only", "b").heartbeating(0.05) as beater:
+        await beater.beat_once()
+        assert "beats-only" in await bus.swarm_ids()
+        [summary] = [s for s in await bus.swarms() if s.swarm == "beats-only"]
+        assert summary.swarm == "beats-only"
