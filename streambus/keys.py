@@ -102,6 +102,10 @@ class SwarmKeys:
         """Hash with one coordinator's blocking state."""
         return f"{self.prefix}:state:{validate_id(coordinator, 'coordinator id')}"
 
+    def withdrawn(self, coordinator: str) -> str:
+        """String: the token of a wait cancelled before its begin_wait ran (so it never will)."""
+        return f"{self.prefix}:withdrawn:{validate_id(coordinator, 'coordinator id')}"
+
     @property
     def coordinators(self) -> str:
         """Sorted set of coordinator ids scored by their last state change (server ms)."""

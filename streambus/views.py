@@ -100,7 +100,10 @@ class Views:
         Coordinators that only heartbeat (never waited) appear with state ``idle``.
         """
         snap = await self._store.swarm_snapshot(self.keys(swarm))
-        rows: dict[str, dict[str, str]] = {raw.get("coordinator", ""): raw for raw in snap.states}
+        # A hash without its coordinator or state is not a wait (a half-written or foreign
+        # one): skipped, never a crash of the whole view.
+        rows: dict[str, dict[str, str]] = {raw["coordinator"]: raw for raw in snap.states
+                                           if raw.get("coordinator") and raw.get("state")}
         for coordinator in snap.beats.keys() - rows.keys():
             rows[coordinator] = {"coordinator": coordinator, "state": IDLE}
         return [_status_row(rows[c], snap.now_ms, snap.beats.get(c), snap.backlog.get(c, 0))
