@@ -95,7 +95,7 @@ def acl_rules(role: str, namespace: str, swarm: str | None = None) -> str:
     unblock = ("+client|unblock",) if role in ("agent", "admin") else ()
     # The leases (one trace projector per swarm): a selector, so that GET and SET reach the
     # lease keys alone, never the streams the projector may only append to.
-    leases = (f"(~{scope}:leases:* +evalsha +script|load +get +set +pttl)",
+    leases = (f"(~{scope}:leases:* +evalsha +script|load +get +set +pttl +del)",
               ) if role == "projector" else ()
     return " ".join(["resetkeys", "resetchannels", "-@all", *keys, *_BASE,
                      *dict.fromkeys(commands), *unblock, *leases])

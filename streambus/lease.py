@@ -13,7 +13,6 @@ lease can have passed on, so two holders never run at once beyond the clocks' dr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -47,6 +46,7 @@ class Lease:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = False
         self.takeovers = 0
+        self._renewed_at = 0.0
 
     def __repr__(self) -> str:
         return (f"<Lease {self.job!r} swarm={self.keys.swarm!r} holder={self.holder!r} "
@@ -61,6 +61,7 @@ class Lease:
         backoff = Backoff()
         announced = ""
         while True:
+            sent = anyio.current_time()
             try:
                 held, holder, left_ms = await self._try()
             except BusUnavailable as exc:
@@ -70,6 +71,7 @@ class Lease:
             backoff.reset()
             if held:
                 self.held = True
+                self._renewed_at = sent
                 self.takeovers += 1
                 log.info("lease %s of swarm %s taken by %s", self.job, self.keys.swarm,
                          self.holder, extra={"event": "lease_taken", "swarm": self.keys.swarm,
@@ -97,45 +99,47 @@ class Lease:
         """Stand by until the lease is ours, then run ``job`` while it is held.
 
         Returns when ``job`` returns (the lease is released). Raises :class:`LeaseLost` after
-        stopping ``job`` when the lease could not be renewed in time.
+        stopping ``job`` when the lease could not be renewed in time: the job runs under a
+        deadline of 80 % of the time to live after the last renewal *sent*, so it has stopped
+        before the lease can lapse and pass on, however the renewals fail or hang.
         """
         await self.acquire()
         lost: LeaseLost | None = None
+        scope = anyio.CancelScope(deadline=self._renewed_at + _SAFETY * self.ttl_s)
         try:
             async with anyio.create_task_group() as tg:
 
                 async def renew() -> None:
                     nonlocal lost
-                    renewed = anyio.current_time()
                     while True:
                         await anyio.sleep(self.ttl_s / 3)
-                        held, holder = False, ""
-                        with anyio.move_on_after(self.ttl_s / 3):
-                            with contextlib.suppress(BusUnavailable):
+                        sent = anyio.current_time()
+                        with anyio.move_on_after(max(0.0, scope.deadline - sent)):
+                            try:
                                 held, holder, _ = await self._try()
-                            if held:
-                                renewed = anyio.current_time()
+                            except BusUnavailable:
                                 continue
-                            if holder:  # taken over: it lapsed while we could not renew
-                                lost = LeaseLost(f"lease {self.job} of swarm "
-                                                 f"{self.keys.swarm} passed to {holder}")
-                        if lost is None and (anyio.current_time() - renewed
-                                             > _SAFETY * self.ttl_s):
+                            if held:
+                                scope.deadline = sent + _SAFETY * self.ttl_s
+                                continue
                             lost = LeaseLost(f"lease {self.job} of swarm {self.keys.swarm} "
-                                             f"not renewed for {_SAFETY * self.ttl_s:.1f} s")
-                        if lost is not None:
-                            self.held = False
-                            log.warning("%s: stopping the job", lost, extra={
-                                "event": "lease_lost", "swarm": self.keys.swarm,
-                                "job": self.job})
-                            tg.cancel_scope.cancel()
+                                             f"passed to {holder}")
+                            scope.cancel()
                             return
 
                 tg.start_soon(renew)
-                await job()
+                with scope:
+                    await job()
                 tg.cancel_scope.cancel()
+            if scope.cancelled_caught and lost is None:
+                lost = LeaseLost(f"lease {self.job} of swarm {self.keys.swarm} not renewed "
+                                 f"for {_SAFETY * self.ttl_s:.1f} s")
         finally:
             if lost is None:
                 await self.release()
+            else:
+                self.held = False
+                log.warning("%s: the job was stopped", lost, extra={
+                    "event": "lease_lost", "swarm": self.keys.swarm, "job": self.job})
         if lost is not None:
             raise lost

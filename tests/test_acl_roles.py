@@ -229,6 +229,8 @@ async def test_projector_holds_a_lease_and_nothing_else_by_it(secured: Secured) 
         await lease.acquire()
         assert lease.held
         await lease.release()
+    with secured.server.client() as root:  # released, not left to lapse: a standby takes over
+        assert root.exists(f"{NS}:{{{SWARM}}}:leases:traces") == 0
     with (redis.Redis.from_url(secured.url("projector")) as client,
           pytest.raises(redis.exceptions.NoPermissionError)):
         client.set(f"{NS}:{{{SWARM}}}:events", 1)
