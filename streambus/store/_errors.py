@@ -235,4 +235,7 @@ def translated(user: str | None = None) -> Iterator[None]:
     try:
         yield
     except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
-        raise translate(exc, user) from exc
+        error = translate(exc, user)
+        if error is exc:
+            raise  # a streambus error already (NotPermitted is an OSError)
+        raise error from exc

@@ -185,6 +185,9 @@ class SingleNode(Nodes):
     def client(self, key: str) -> Any:
         return self._only
 
+    def address(self, key: str) -> Address:
+        return ("", 0)  # the URL's server, whatever its address (a Unix socket, say)
+
     def masters(self) -> list[Any]:
         return [self._only]
 
