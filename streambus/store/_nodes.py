@@ -79,6 +79,7 @@ class Nodes:
         self._recheck_s: float | None = None
         """Ask the topology again this often even without an error (Sentinel: see there)."""
         self._resolved_at = 0.0
+        self._rechecking = False
 
     @property
     def kind(self) -> str:
@@ -92,18 +93,26 @@ class Nodes:
     async def fresh(self) -> None:
         """Resolve the topology if it is stale (one caller resolves; the others wait), or
         recheck it if it is due; a recheck that gets no answer keeps what is known."""
-        if not self._stale and not self._recheck_due():
+        if not self._stale:
+            if self._recheck_due() and not self._rechecking:
+                await self._recheck()
             return
         async with self._lock:
             if self._stale:
                 with translated(self.endpoint.username):
                     await self._resolve()
                 self._stale = False
-            elif self._recheck_due():
-                with anyio.move_on_after(RECHECK_LIMIT_S), contextlib.suppress(BusUnavailable):
-                    await self._resolve()
-            else:
-                return
+                self._resolved_at = anyio.current_time()
+
+    async def _recheck(self) -> None:
+        """One caller asks again, bounded; the others carry on with what is known."""
+        self._rechecking = True
+        try:
+            with (anyio.move_on_after(RECHECK_LIMIT_S), contextlib.suppress(BusUnavailable),
+                  translated(self.endpoint.username)):
+                await self._resolve()
+        finally:
+            self._rechecking = False
             self._resolved_at = anyio.current_time()
 
     def _recheck_due(self) -> bool:
