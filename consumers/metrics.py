@@ -299,6 +299,7 @@ class Exporter(Collector):
         counters = await bus.counters(swarm)
         f.dead_letters.add_metric([swarm], int(counters.get("dead_letters", 0)))
         f.heartbeat_failures.add_metric([swarm], int(counters.get("heartbeat_failures", 0)))
+        f.unknown_events.add_metric([swarm], int(counters.get("unknown_events", 0)))
         (await read_lapses(bus, swarm)).add_to(swarm, f)  # past deadline, reported dead
         for stream, stats in info.items():
             name = stream[len(keys.prefix) + 1:]
@@ -335,6 +336,9 @@ class _Families:
             "successful beat).", labels=s)
         self.dead_letters = CounterMetricFamily(
             "dead_letters", "Poison entries moved to the dead-letter stream.", labels=s)
+        self.unknown_events = CounterMetricFamily(
+            "unknown_events", "Entries of event types this version does not know (a newer "
+            "writer's), skipped and acknowledged.", labels=s)
         self.length = GaugeMetricFamily(
             "stream_length", "Entries in a stream of the swarm (XLEN).", labels=[*s, "stream"])
         self.group_pending = GaugeMetricFamily(

@@ -20,8 +20,10 @@ Ack that comes after that still gets its deliver span, under the ended signal sp
 
 Replays change nothing: emitted (signal, coordinator) pairs are remembered (the last
 ``memory`` of them), so an Ack applied twice, or replayed by ``Projector.rebuild``, emits no
-second span. Run one trace projector per swarm: two instances share the Acks between them and
-would each emit a signal span for a signal whose Acks they split.
+second span. One instance per swarm projects at a time: each runs under the swarm's ``traces``
+lease (``streambus.lease``), and a second instance stands by until the first stops (it releases
+the lease at once) or dies (the lease lapses after ``lease_ttl``); then it takes over from the
+group's position. Two instances at once would split the Acks and each emit a signal span.
 
 Run it as ``streambus traces SWARM [--settle 10s]``;
 the exporter is OTLP over HTTP/protobuf, configured by the standard ``OTEL_*`` variables
@@ -50,7 +52,13 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind
 
 from streambus import __version__
 from streambus.bus import Bus
-from streambus.errors import BusUnavailable, InvalidId, InvalidInput, MalformedEvent
+from streambus.errors import (
+    BusUnavailable,
+    InvalidId,
+    InvalidInput,
+    LeaseLost,
+    MalformedEvent,
+)
 from streambus.keys import SwarmKeys, validate_id
 from streambus.schema import Ack, AnyEvent, Signal, decode_fields, stream_id_ms
 from streambus.tracing import context_from
@@ -60,6 +68,8 @@ log = logging.getLogger(__name__)
 
 TRACER_NAME: Final = "streambus.traces"
 DEFAULT_SETTLE_S: Final = 10.0
+DEFAULT_LEASE_TTL_S: Final = 10.0
+"""How long a dead trace projector's lease blocks a standby from taking over."""
 DEFAULT_MEMORY: Final = 100_000
 _SHUTDOWN_LIMIT_S: Final = 5.0
 _STREAM_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
@@ -240,26 +250,41 @@ def otlp_tracer_provider() -> TracerProvider:
 
 async def run_traces(
     bus: Bus, swarm: str, *, settle: float = DEFAULT_SETTLE_S,
-    tracer_provider: trace.TracerProvider | None = None,
+    tracer_provider: trace.TracerProvider | None = None, lease_ttl: float = DEFAULT_LEASE_TTL_S,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Project ``swarm``'s Acks into spans until cancelled; export them over OTLP/HTTP.
 
     With ``tracer_provider`` the spans go there instead (and the caller owns its shutdown).
-    On the way out, open signal spans are ended and the exporter is flushed.
+    On the way out, open signal spans are ended and the exporter is flushed. Reports ready
+    (``task_status``) once it holds the swarm's ``traces`` lease and has caught up.
     """
     if tracer_provider is not None:
-        await _project(bus, swarm, settle, tracer_provider, task_status)
+        await _project_under_lease(bus, swarm, settle, tracer_provider, lease_ttl, task_status)
         return
     provider = otlp_tracer_provider()
     try:
-        await _project(bus, swarm, settle, provider, task_status)
+        await _project_under_lease(bus, swarm, settle, provider, lease_ttl, task_status)
     finally:
         await _shut_down(provider)
 
 
+async def _project_under_lease(bus: Bus, swarm: str, settle: float,
+                               provider: trace.TracerProvider, lease_ttl: float,
+                               task_status: anyio.abc.TaskStatus[None]) -> None:
+    """Project while this instance holds the lease; after losing it, stand by again."""
+    lease = bus.lease(swarm, "traces", ttl=lease_ttl)
+    ready = [task_status]
+    while True:
+        try:
+            await lease.run(lambda: _project(bus, swarm, settle, provider, ready))
+        except LeaseLost as exc:
+            log.warning("trace projector of swarm %s: %s; standing by", swarm, exc,
+                        extra={"swarm": swarm})
+
+
 async def _project(bus: Bus, swarm: str, settle: float, provider: trace.TracerProvider,
-                   task_status: anyio.abc.TaskStatus[None]) -> None:
+                   ready: list[anyio.abc.TaskStatus[None]]) -> None:
     projection = SignalTraces(bus, provider, settle=settle)
     projector = bus.projector(swarm, projection)
     try:
@@ -267,7 +292,8 @@ async def _project(bus: Bus, swarm: str, settle: float, provider: trace.TracerPr
             await tg.start(projector.run)
             tg.start_soon(_flush_settled, bus, projection)
             log.info("trace projector of swarm %s ready", swarm, extra={"swarm": swarm})
-            task_status.started()
+            if ready:
+                ready.pop().started()
     finally:
         projection.close()
 

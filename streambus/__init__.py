@@ -21,6 +21,7 @@ from streambus.errors import (
     EmbeddedServerError,
     InvalidId,
     InvalidInput,
+    LeaseLost,
     MalformedEvent,
     NotPermitted,
     PayloadTooLarge,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from streambus.config import Settings, parse_duration
     from streambus.coordinator import Coordinator, Delivery
     from streambus.hooks import Hooks
+    from streambus.lease import Lease
     from streambus.liveness import Liveness
     from streambus.retries import RetryHandler, RetrySent
     from streambus.schema import (
@@ -60,6 +62,7 @@ _LAZY: Final = {
     **dict.fromkeys(("Settings", "parse_duration"), "streambus.config"),
     **dict.fromkeys(("Coordinator", "Delivery"), "streambus.coordinator"),
     "Hooks": "streambus.hooks",
+    "Lease": "streambus.lease",
     "Liveness": "streambus.liveness",
     **dict.fromkeys(("RetryHandler", "RetrySent"), "streambus.retries"),
     **dict.fromkeys(("Ack", "BlockingEnded", "BlockingStarted", "BlockingState", "Event",
@@ -105,6 +108,8 @@ __all__ = [
     "Hooks",
     "InvalidId",
     "InvalidInput",
+    "Lease",
+    "LeaseLost",
     "Limits",
     "Liveness",
     "MalformedEvent",

@@ -44,7 +44,8 @@ has them) minus the dangerous ones; the server clock; a cluster's slot map."""
 
 _READ: Final = ("+scan", "+hget", "+hgetall", "+hmget", "+zrange",
                 "+zrangebyscore", "+zscore", "+xlen", "+xrange", "+xrevrange", "+xread",
-                "+xinfo|groups", "+xinfo|stream", "+xpending", "+evalsha_ro", "+script|load")
+                "+xinfo|groups", "+xinfo|stream", "+xpending", "+evalsha_ro", "+script|load",
+                "+pttl")
 """What the read side (status, views, metrics scrapes) sends, read-only scripts included."""
 
 _SCRIPTS: Final = ("+evalsha", "+evalsha_ro", "+script|load")
@@ -92,5 +93,9 @@ def acl_rules(role: str, namespace: str, swarm: str | None = None) -> str:
         keys = (f"~{scope}:*",)
         commands = (*_READ, *_SCRIPTS, *_AGENT, *_PROJECTOR, *_CLEANUP)
     unblock = ("+client|unblock",) if role in ("agent", "admin") else ()
+    # The leases (one trace projector per swarm): a selector, so that GET and SET reach the
+    # lease keys alone, never the streams the projector may only append to.
+    leases = (f"(~{scope}:leases:* +evalsha +script|load +get +set +pttl +del)",
+              ) if role == "projector" else ()
     return " ".join(["resetkeys", "resetchannels", "-@all", *keys, *_BASE,
-                     *dict.fromkeys(commands), *unblock])
+                     *dict.fromkeys(commands), *unblock, *leases])

@@ -24,6 +24,7 @@ from streambus.coordinator import Coordinator, Delivery
 from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
 from streambus.hooks import Hooks
 from streambus.keys import validate_id
+from streambus.lease import Lease
 from streambus.liveness import BeatBatcher, Liveness
 from streambus.projection import Projection, Projector
 from streambus.retries import (
@@ -295,6 +296,11 @@ class Bus(Views):
         """A :class:`~streambus.projection.Projector` applying ``projection`` to ``swarm``."""
         return Projector(self._store, self.keys(swarm), projection, block_ms=block_ms,
                          claim_idle=claim_idle)
+
+    def lease(self, swarm: str, job: str, *, ttl: float = 10.0) -> Lease:
+        """The :class:`~streambus.lease.Lease` of ``job`` on ``swarm``: run a job that must
+        have one instance at a time (others stand by and take over when it lapses)."""
+        return Lease(self._store, self.keys(swarm), job, ttl=ttl)
 
     async def report_dead(self, swarm: str, dead_after: float) -> list[str]:
         """Append a ``CoordinatorDead`` event for each coordinator of ``swarm`` whose

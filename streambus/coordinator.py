@@ -163,7 +163,7 @@ class Coordinator:
         # wait whose begin_wait reply was lost can still be ended by it.
         token = secrets.token_hex(8)
         unhanded = (self.keys.prefix, self.id, channel)
-        claim = self._runtime.unclaimed.get(unhanded, 0) if iteration == 0 else 0
+        claim = self._runtime.unclaimed.get(unhanded, "") if iteration == 0 else ""
         try:
             start = await self._runtime.retrying(lambda: self._store.begin_wait(
                 self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers,
@@ -176,8 +176,8 @@ class Coordinator:
                 await self._record_end(channel, 0, Outcome.CANCELLED,
                                        "cancelled before its start was confirmed", token=token)
             raise
-        if claim:
-            del self._runtime.unclaimed[unhanded]  # the server has answered it
+        # Whatever that wait held, the server has answered for it now (or it moved on).
+        self._runtime.unclaimed.pop(unhanded, None)
         if start.withdrawn:
             raise StreambusError(f"wait {token} of {self.id!r} was withdrawn before it began")
         log.info("coordinator %s %s waiting on %s/%s (iteration %d, deadline in %.3f s)", self.id,
@@ -195,10 +195,11 @@ class Coordinator:
                     with anyio.CancelScope(shield=True):
                         await self._record_end(channel, start.iteration, Outcome.CANCELLED,
                                                "cancelled before its signal was handed over",
-                                               started_ms=start.started_ms)
+                                               started_ms=start.started_ms, token=token)
                 raise
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
-                        reconnect_budget_s=reconnect_budget, started_ms=start.started_ms)
+                        reconnect_budget_s=reconnect_budget, started_ms=start.started_ms,
+                        token=token)
         if require_signed and (keyring := self.signing) is not None:
             waiter.verify = lambda signal: keyring.verify_signal(signal, self.swarm, channel)
         self._waiter = waiter
@@ -335,14 +336,15 @@ class Coordinator:
         """Record the end of a wait; best effort when the bus is down."""
         self._ended.add(waiter)
         await self._record_end(waiter.channel, waiter.iteration, outcome, detail,
-                               started_ms=waiter.started_ms)
+                               started_ms=waiter.started_ms, token=waiter.token)
 
     async def _record_end(self, channel: str, iteration: int, outcome: Outcome, detail: str, *,
                           started_ms: int = 0, token: str = "") -> None:
-        """Record how iteration ``iteration`` (0: the wait begun with ``token``) ended.
+        """Record how the wait ``token`` (iteration ``iteration``; 0: the one whose begin_wait
+        reply was lost) ended.
 
-        If that iteration had received its signal, the bus marks the signal unclaimed instead.
-        When the bus cannot be told, this process remembers the iteration, so that its next
+        If that wait held a signal it never handed over, the bus marks the signal unclaimed
+        instead. When the bus cannot be told, this process remembers the wait, so that its next
         wait on ``channel`` asks for that signal before it starts a new iteration.
         """
         event = encode(BlockingEnded(coordinator=self.id, channel=channel, iteration=iteration,
@@ -360,8 +362,8 @@ class Coordinator:
                 log.warning("could not record %s for %s: %s", outcome, self.id, exc,
                             extra=self._facts(channel, iteration, "record_failed",
                                               outcome=outcome))
-        if not recorded and iteration > 0:
-            self._runtime.unclaimed[(self.keys.prefix, self.id, channel)] = iteration
+        if not recorded and token:
+            self._runtime.unclaimed[(self.keys.prefix, self.id, channel)] = token
 
 
 def _outcome_of(error: BaseException) -> Outcome:

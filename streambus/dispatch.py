@@ -23,14 +23,15 @@ only adds it, withdraws it and reads its :data:`Outcome`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 import anyio
 import anyio.abc
 
-from streambus.backoff import keep_running
+from streambus.backoff import keep_running, retry_within
+from streambus.dispatch_store import DispatchStore, Reader
 from streambus.errors import BusUnavailable, MalformedEvent, StreambusError, UnknownEvent
 from streambus.keys import SwarmKeys
 from streambus.schema import AnyEvent, Signal, decode_fields, stream_id_tuple
@@ -45,43 +46,6 @@ _SETTLE_LIMIT_S: Final = 10.0
 _CONFIRM_LIMIT_S: Final = 5.0
 _SERVE_CHUNK: Final = 256
 """Waiters read and acknowledged per round trip pair (the store's script chunk)."""
-
-
-class Reader(Protocol):
-    """The blocking connection a dispatcher reads on (:class:`streambus.store.BlockingReader`)."""
-
-    client_id: int | None
-
-    async def connect(self) -> int: ...
-
-    async def read(self, cursors: Mapping[str, str]) -> dict[str, list[Entry]]: ...
-
-    async def read_group(self, stream: str, group: str, consumer: str, *, pending: bool,
-                         count: int) -> list[Entry]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class DispatchStore(Protocol):
-    """Exactly what a dispatcher asks of the store (:class:`streambus.store.Store`), so that a
-    scripted fake can play the races a real server cannot time (``tests/fakes.py``)."""
-
-    def blocking_reader(self, *, block_ms: int, route: str = "") -> Reader: ...
-
-    async def read_groups(self, reads: Sequence[GroupRead], probes: Sequence[str] = ()
-                          ) -> tuple[list[str], list[list[Entry] | BaseException]]: ...
-
-    async def receive_many(self, receipts: Sequence[Receipt]) -> list[str | BaseException]: ...
-
-    async def ensure_group(self, stream: str, group: str) -> None: ...
-
-    async def dead_letter(self, keys: SwarmKeys, source: str, group: str, entry: Entry,
-                          reason: str, *, ack: bool = True) -> None: ...
-
-    async def skip_unknown(self, keys: SwarmKeys, source: str, group: str, entry_id: str, *,
-                           ack: bool = True) -> None: ...
-
-    async def unblock(self, client_id: int, route: str = "") -> bool: ...
 
 
 class Dispatcher:
@@ -168,12 +132,32 @@ class Dispatcher:
                   ) -> None:
         """Serve waiters until cancelled. Connection loss is retried, never fatal."""
         failing_since: float | None = None
+        cycle_started = anyio.current_time()
+
+        async def cycle() -> None:
+            nonlocal cycle_started
+            cycle_started = anyio.current_time()
+            try:
+                await self._cycle()
+            except BusUnavailable:
+                raise
+            except StreambusError as exc:
+                # A verdict on the reads themselves (an ACL refusing them): no retry cures it,
+                # so every waiter served now ends with it, and the dispatcher serves on.
+                log.warning("swarm %s: %s", self.keys.swarm, exc,
+                            extra={"event": "dispatch_failed", "swarm": self.keys.swarm})
+                for watchers in list(self._by_stream.values()):
+                    for waiter in list(watchers):
+                        self.fail(waiter, exc)
 
         def unavailable(exc: Exception) -> None:
+            # The server is counted unavailable from the start of the first operation that got
+            # no answer, not from when the failure surfaced: a refused connection (a killed
+            # server) surfaces at once, a frozen server or a cut link only at the socket
+            # timeout; the reconnect budget must count both the same way.
             nonlocal failing_since
-            now = anyio.current_time()
-            failing_since = failing_since if failing_since is not None else now
-            self._after_disconnect(exc, now - failing_since)
+            failing_since = failing_since if failing_since is not None else cycle_started
+            self._after_disconnect(exc, anyio.current_time() - failing_since)
 
         def recovered() -> None:
             nonlocal failing_since
@@ -187,7 +171,7 @@ class Dispatcher:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 task_status.started()
-                await keep_running(self._cycle, on_unavailable=unavailable,
+                await keep_running(cycle, on_unavailable=unavailable,
                                    on_recovered=recovered)
         finally:
             with anyio.CancelScope(shield=True):
@@ -401,14 +385,16 @@ class Dispatcher:
         ask again (idempotent) rather than report a timeout for a signal recorded received."""
         receipt = waiter.unconfirmed
         assert receipt is not None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CONFIRM_LIMIT_S):
-            try:
-                [result] = await self._store.receive_many([receipt])
-            except BusUnavailable:
-                result = BusUnavailable(
-                    f"signal {receipt.signal_id} was delivered to {waiter.coordinator!r} but its "
-                    f"receipt could not be confirmed; wait again with iteration="
-                    f"{waiter.iteration} once the bus is back to learn the outcome")
+        budget = min(waiter.reconnect_budget_s, _CONFIRM_LIMIT_S)
+        waiter.outcome = BusUnavailable(
+            f"signal {receipt.signal_id} was delivered to {waiter.coordinator!r} but its "
+            f"receipt could not be confirmed; the next wait on {waiter.channel!r} learns the "
+            f"outcome (and returns the signal if it was received)")
+        # The bus is often back within moments (a restart, a failover): retried, the receipt
+        # is confirmed and the wait returns its signal late, not an error.
+        with (anyio.CancelScope(shield=True), anyio.move_on_after(budget + _CONFIRM_LIMIT_S),
+              contextlib.suppress(BusUnavailable)):
+            [result] = await retry_within(lambda: self._store.receive_many([receipt]), budget)
             if isinstance(result, BaseException):
                 waiter.outcome = result
             else:

@@ -124,3 +124,8 @@ class DurabilityNotReached(StreambusError):
 class DurabilityUnsupported(DurabilityNotReached, InvalidInput):
     """The server cannot confirm the durability level asked for (``fsync`` needs ``WAITAOF``,
     Redis >= 7.2 or Valkey). Checked before anything is written: nothing was published."""
+
+
+class LeaseLost(StreambusError):
+    """A lease (``streambus.lease``) could not be renewed in time: its job was stopped, so that
+    the instance that takes it over never runs beside this one."""

@@ -28,8 +28,13 @@ def validate_id(value: object, what: str = "id") -> str:
 
 
 def swarm_index_pattern(namespace: str) -> str:
-    """``SCAN MATCH`` pattern for every swarm's coordinator index in ``namespace``."""
-    return f"{validate_id(namespace, 'namespace')}:{{*}}:coordinators"
+    """``SCAN MATCH`` pattern (with ``TYPE zset``) for every swarm's indexes in ``namespace``:
+    its coordinator index and its heartbeat index (a swarm that only beats is a swarm too)."""
+    return f"{validate_id(namespace, 'namespace')}:{{*}}:*"
+
+
+SWARM_INDEXES = (":coordinators", ":alive")
+"""The suffixes of the zsets that make a swarm: see :func:`swarm_index_pattern`."""
 
 
 def swarm_channel_pattern(namespace: str) -> str:
@@ -45,18 +50,6 @@ def swarm_of_key(namespace: str, key: str) -> str | None:
     swarm, closing, _ = key[len(head):].partition("}:")
     if not closing:
         return None
-    try:
-        return validate_id(swarm, "swarm")
-    except InvalidId:
-        return None
-
-
-def swarm_of_index(namespace: str, key: str) -> str | None:
-    """The swarm id in a key matched by :func:`swarm_index_pattern` (``None`` if foreign)."""
-    head, tail = f"{namespace}:{{", "}:coordinators"
-    if not (key.startswith(head) and key.endswith(tail)):
-        return None
-    swarm = key[len(head):-len(tail)]
     try:
         return validate_id(swarm, "swarm")
     except InvalidId:
@@ -109,6 +102,10 @@ class SwarmKeys:
         """Hash with one coordinator's blocking state."""
         return f"{self.prefix}:state:{validate_id(coordinator, 'coordinator id')}"
 
+    def withdrawn(self, coordinator: str) -> str:
+        """String: the token of a wait cancelled before its begin_wait ran (so it never will)."""
+        return f"{self.prefix}:withdrawn:{validate_id(coordinator, 'coordinator id')}"
+
     @property
     def coordinators(self) -> str:
         """Sorted set of coordinator ids scored by their last state change (server ms)."""
@@ -142,6 +139,14 @@ class SwarmKeys:
     def retries(self, coordinator: str) -> str:
         """Stream of RetryRequest events for one coordinator (group: the coordinator id)."""
         return f"{self.prefix}:retry:{validate_id(coordinator, 'coordinator id')}"
+
+    @property
+    def leases(self) -> str:
+        """Prefix of the swarm's leases (``leases:<job>``): one holder per job at a time."""
+        return f"{self.prefix}:leases"
+
+    def lease(self, job: str) -> str:
+        return f"{self.leases}:{job}"
 
     @property
     def retry_backlog(self) -> str:

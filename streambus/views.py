@@ -14,6 +14,7 @@ from typing import Any, Final
 import msgspec
 
 from streambus.keys import (
+    SWARM_INDEXES,
     SwarmKeys,
     swarm_channel_pattern,
     swarm_index_pattern,
@@ -99,7 +100,10 @@ class Views:
         Coordinators that only heartbeat (never waited) appear with state ``idle``.
         """
         snap = await self._store.swarm_snapshot(self.keys(swarm))
-        rows: dict[str, dict[str, str]] = {raw.get("coordinator", ""): raw for raw in snap.states}
+        # A hash without its coordinator or state is not a wait (a half-written or foreign
+        # one): skipped, never a crash of the whole view.
+        rows: dict[str, dict[str, str]] = {raw["coordinator"]: raw for raw in snap.states
+                                           if raw.get("coordinator") and raw.get("state")}
         for coordinator in snap.beats.keys() - rows.keys():
             rows[coordinator] = {"coordinator": coordinator, "state": IDLE}
         return [_status_row(rows[c], snap.now_ms, snap.beats.get(c), snap.backlog.get(c, 0))
@@ -111,9 +115,10 @@ class Views:
         return await self._store.swarm_snapshot(self.keys(swarm))
 
     async def swarm_ids(self) -> list[str]:
-        """Every swarm of the namespace that has a coordinator or a channel (``SCAN`` of
-        every master, for the coordinator indexes and the channel streams)."""
-        found = [*await self._store.scan(swarm_index_pattern(self.namespace), type_="zset"),
+        """Every swarm of the namespace that has a coordinator, a heartbeat or a channel
+        (``SCAN`` of every master, for the swarms' indexes and their channel streams)."""
+        indexes = await self._store.scan(swarm_index_pattern(self.namespace), type_="zset")
+        found = [*(key for key in indexes if key.endswith(SWARM_INDEXES)),
                  *await self._store.scan(swarm_channel_pattern(self.namespace),
                                          type_="stream")]
         return sorted({s for key in found if (s := swarm_of_key(self.namespace, key))})

@@ -56,6 +56,8 @@ class Waiter:
     stream: str
     iteration: int
     reconnect_budget_s: float = 300.0
+    token: str = ""
+    """The wait's token on the bus (``begin_wait``): who may give back a signal not handed over."""
     started_ms: int = 0
     """When the wait began (server ms), carried by the lifecycle events it ends with."""
     state: WaiterState = WaiterState.QUEUED

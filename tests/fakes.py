@@ -1,5 +1,5 @@
 """A scripted fake of the narrow store interface the dispatcher depends on
-(:class:`streambus.dispatch.DispatchStore`), for the races a real server cannot time.
+(:class:`streambus.dispatch_store.DispatchStore`), for the races a real server cannot time.
 
 It models just enough of Redis Streams to be honest about them: streams of entries, one
 consumer group per waiter with its last-delivered id and its PEL, ``XREAD BLOCK`` that wakes
@@ -79,7 +79,7 @@ class FakeStreams:
 
 
 class FakeReader:
-    """The blocking connection (:class:`streambus.dispatch.Reader`)."""
+    """The blocking connection (:class:`streambus.dispatch_store.Reader`)."""
 
     def __init__(self, server: FakeStreams, block_ms: int) -> None:
         self.server = server
@@ -151,7 +151,7 @@ class FakeReader:
 
 
 class FakeStore:
-    """The store as the dispatcher sees it (:class:`streambus.dispatch.DispatchStore`)."""
+    """The store as the dispatcher sees it (:class:`streambus.dispatch_store.DispatchStore`)."""
 
     def __init__(self, server: FakeStreams | None = None) -> None:
         self.server = server or FakeStreams()

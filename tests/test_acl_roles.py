@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
 import pytest
 import redis
 
 import streambus
 from consumers.metrics import SwarmEvents
 from consumers.watchdog import Watchdog
+from streambus.acl import acl_rules
 from streambus.errors import NotPermitted
 from streambus.testing.servers import ServerProcess
 from tests.clitools import Cli, finish, one_json_object, one_line_message
@@ -218,6 +220,22 @@ async def test_projector_keeps_its_groups_and_reports_dead(secured: Secured) -> 
             await bus.publish(SWARM, "proj", None)  # a projector cannot forge a signal
 
 
+@pytest.mark.anyio
+async def test_projector_holds_a_lease_and_nothing_else_by_it(secured: Secured) -> None:
+    """The trace projector's lease (GET/SET on its own key) works under the role, and those
+    commands reach no other key."""
+    async with streambus.connect(secured.url("projector"), namespace=NS) as bus:
+        lease = bus.lease(SWARM, "traces", ttl=5)
+        await lease.acquire()
+        assert lease.held
+        await lease.release()
+    with secured.server.client() as root:  # released, not left to lapse: a standby takes over
+        assert root.exists(f"{NS}:{{{SWARM}}}:leases:traces") == 0
+    with (redis.Redis.from_url(secured.url("projector")) as client,
+          pytest.raises(redis.exceptions.NoPermissionError)):
+        client.set(f"{NS}:{{{SWARM}}}:events", 1)
+
+
 def test_projector_cannot_clean_up(cli: Cli, secured: Secured) -> None:
     assert cli.run("wait", SWARM, "old", "ch", "--timeout", "1ms",
                    *secured.args("agent")).returncode == 2
@@ -255,3 +273,18 @@ def test_no_role_runs_dangerous_commands(secured: Secured, user: str,
 def test_no_role_reaches_keys_outside_its_namespace(secured: Secured, user: str) -> None:
     with secured.client(user) as client, pytest.raises(redis.exceptions.NoPermissionError):
         client.hgetall("elsewhere:{sw}:counters")
+
+
+@pytest.mark.anyio
+async def test_a_refused_read_ends_the_wait_not_the_dispatcher(secured: Secured) -> None:
+    """A user that may start a wait but not read its channel (a role edited by hand): the
+    wait ends with NotPermitted at once, never at its deadline, and the bus serves on."""
+    rules = acl_rules("agent", NS, SWARM).split()
+    with secured.server.client() as root:
+        root.execute_command("ACL", "SETUSER", "noread", "on", ">noread-pw", *rules,
+                             "-xreadgroup")
+    url = f"redis://noread:noread-pw@127.0.0.1:{secured.server.port}/0"
+    async with streambus.connect(url, namespace=NS) as bus:
+        for _ in range(2):  # the second wait finds the dispatcher still serving
+            with anyio.fail_after(10), pytest.raises(NotPermitted, match="user 'noread'"):
+                await bus.wait_for(SWARM, "blind", "ch", timeout=60)

@@ -368,7 +368,9 @@ def test_a_skewed_wall_clock_does_not_move_the_wait_deadline(
     elapsed = time.monotonic() - started
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "timed out" in one_line_message(result.stderr)
-    assert 0.7 <= elapsed <= 5, elapsed
+    # Far below the skew (5 min) whatever the load: a deadline moved by the skew shows here;
+    # the precise check is the server-time one below.
+    assert 0.7 <= elapsed < abs(skew_s) / 5, elapsed
 
     state = {k.decode(): v.decode()
              for k, v in client.hgetall(SwarmKeys.for_swarm(namespace, "skew").state("w")).items()}

@@ -26,6 +26,7 @@ from streambus.bus import Bus
 from streambus.coordinator import Delivery
 from streambus.errors import BusUnavailable, WaitTimeout
 from tests.fakes import until
+from tests.helpers import until_states
 
 pytestmark = pytest.mark.anyio
 
@@ -132,28 +133,112 @@ async def test_a_signal_not_handed_over_while_the_bus_is_away_is_remembered(
     await next_waits_return_it_once(bus, "away", published.signal_id, 1)
 
 
-async def test_a_signal_returned_by_iteration_and_then_cancelled_is_returned_again(
+async def test_a_reread_by_iteration_that_fails_does_not_return_it_again(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The already-received answer (waiting again for a signaled iteration) is a handover too."""
-    published = await bus.publish("again", "ch", "x")
+    """Waiting again by number for a signal already handed over is a re-read: when it fails
+    (the bus away, or cancelled), the next "next" wait starts the next iteration; it must not
+    return that signal a second time."""
+    await bus.publish("again", "ch", "x")
     first = await bus.wait_for("again", "c", "ch", timeout=5)
+
+    async def away(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        raise BusUnavailable("Redis unreachable (scripted)")
+
+    wrap(monkeypatch, bus, "entry", away)
+    with pytest.raises(BusUnavailable):
+        await bus.wait_for("again", "c", "ch", timeout=5, iteration=first.iteration)
+    monkeypatch.undo()
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("again", "c", "ch", timeout=0.3)
+
+
+async def test_a_returned_again_signal_cancelled_twice_is_still_returned(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not handed over (cancelled in its hook); the next wait, which takes it over, is cancelled
+    with its begin_wait reply lost; the one after still gets it."""
     landed = anyio.Event()
 
-    async def slow_entry(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> Any:
+    async def hook(event: object) -> None:
         landed.set()
         await anyio.sleep_forever()
 
-    wrap(monkeypatch, bus, "entry", slow_entry)
+    hooks = Hooks()
+    hooks.add("on_signal_received", hook, timeout=30)
+    published = await bus.publish("twice", "ch", "x")
+    await cancelled_wait(bus, "twice", landed, hooks=hooks)
+    ran = anyio.Event()
+
+    async def lost_reply(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> Any:
+        await real(*args, **kwargs)
+        ran.set()
+        await anyio.sleep_forever()
+
+    wrap(monkeypatch, bus, "begin_wait", lost_reply)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: bus.wait_for("again", "c", "ch", timeout=5,
-                                               iteration=first.iteration))
-            await landed.wait()
+            tg.start_soon(lambda: bus.wait_for("twice", "c", "ch", timeout=5))
+            await ran.wait()
             scope.cancel()
     monkeypatch.undo()
-    await next_waits_return_it_once(bus, "again", published.signal_id, first.iteration)
+    await next_waits_return_it_once(bus, "twice", published.signal_id, 1)
+
+
+async def test_a_receipt_applied_after_its_wait_ended_is_returned_next_time(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receipt reaches the server only after the cancelled wait stopped waiting for it (and
+    recorded itself cancelled): nobody handed the signal over, so the next wait returns it."""
+    monkeypatch.setattr("streambus.dispatch._SETTLE_LIMIT_S", 0.2)
+    sent, release = anyio.Event(), anyio.Event()
+
+    async def late(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        sent.set()
+        with anyio.CancelScope(shield=True):
+            await release.wait()  # still on its way to the server...
+            return await real(*args, **kwargs)  # ...where it runs late
+
+    wrap(monkeypatch, bus, "receive_many", late)
+    published = await bus.publish("late-receipt", "ch", "x")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancelled_wait, bus, "late-receipt", sent)
+        await sent.wait()
+        await until_states(bus, "late-receipt", {"c": "cancelled"})
+        release.set()
+    await until_states(bus, "late-receipt", {"c": "signaled"})
+    monkeypatch.undo()
+    await next_waits_return_it_once(bus, "late-receipt", published.signal_id, 1)
+
+
+async def test_a_claim_remembered_for_a_wait_that_went_on_returns_nothing_twice(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancelled wait's end could not be recorded (the process remembers it); the same
+    iteration is then resumed by number and takes its signal. The remembered claim must not
+    hand that signal over a second time."""
+    async def away(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        raise BusUnavailable("Redis unreachable (scripted)")
+
+    wrap(monkeypatch, bus, "end_wait", away)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            async def wait() -> None:
+                await bus.wait_for("claim", "c", "ch", timeout=30)
+
+            tg.start_soon(wait)
+            await until_states(bus, "claim", {"c": "waiting"})
+            scope.cancel()
+    monkeypatch.undo()
+    published = await bus.publish("claim", "ch", "x")
+    resumed = await bus.wait_for("claim", "c", "ch", timeout=5, iteration=1)
+    assert resumed.signal.signal_id == published.signal_id
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("claim", "c", "ch", timeout=0.3)
 
 
 async def test_a_begin_wait_reply_lost_to_a_cancellation_leaves_no_open_wait(

@@ -283,3 +283,13 @@ async def test_a_roster_keeps_beating_when_its_leader_leaves(bus: Bus) -> None:
         tg.cancel_scope.cancel()
     assert beaters[0].beats == left_with
     assert all(b.failures == 0 for b in beaters)
+
+
+async def test_a_swarm_that_only_beats_is_listed(bus: Bus) -> None:
+    """A coordinator that heartbeats and never waited makes its swarm known to ``status``
+    (and the dashboard), as one that waits or a channel does."""
+    async with bus.coordinator("beats-only", "b").heartbeating(0.05) as beater:
+        await beater.beat_once()
+        assert "beats-only" in await bus.swarm_ids()
+        [summary] = [s for s in await bus.swarms() if s.swarm == "beats-only"]
+        assert summary.swarm == "beats-only"

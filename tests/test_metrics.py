@@ -182,6 +182,19 @@ async def test_a_scrape_shows_the_plans_metrics_with_true_values(bus: Bus) -> No
         assert got.value("channel_pending_entries", swarm=swarm, channel=channel) == 0
 
 
+async def test_events_of_a_newer_writer_are_counted_as_unknown(bus: Bus) -> None:
+    """An event type this version does not know is skipped, acknowledged and counted."""
+    swarm = "m-unknown"
+    await bus._store.raw().xadd(bus.keys(swarm).channel("ch"), {
+        "e": b'{"type":"teleport","v":1,"coordinator":"c"}'})
+    published = await bus.publish(swarm, "ch", "after it")
+    got = await bus.wait_for(swarm, "c", "ch", timeout=10)
+    assert got.signal.signal_id == published.signal_id
+    async with exporter(bus, [swarm]) as port:
+        scraped = await scrape(port)
+    assert scraped.value("unknown_events_total", swarm=swarm) == 1
+
+
 async def test_a_restarted_exporter_counts_only_what_it_had_not_counted(bus: Bus) -> None:
     swarm = "m2"
     async with exporter(bus, [swarm]) as port:

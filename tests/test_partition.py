@@ -121,3 +121,31 @@ def test_waiter_survives_a_real_link_cut(netns: Namespace, tmp_path: Path) -> No
     received = json.loads((tmp_path / "waiter.log").read_text().splitlines()[-1])
     assert received["payload"] == "after the cut"
     assert received["signal_id"] == json.loads(published.stdout)["signal_id"]
+
+
+def test_a_link_cut_past_the_reconnect_budget_ends_the_wait_unavailable(
+    netns: Namespace, tmp_path: Path
+) -> None:
+    """The budget counts a cut link (no answer, no refusal) like a dead server: exit 4, long
+    before the wait's deadline."""
+    port = 6391
+    url = f"redis://127.0.0.1:{port}/0"
+    netns.start(str(binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                log="server.log")
+    _until(lambda: _cli(netns, url, "status", "sw", "--json").returncode == 0)
+    waiter = netns.start(sys.executable, "-m", "streambus", "wait", "sw", "c", "ch",
+                         "--timeout", "120s", "--reconnect-budget", "1s", "--redis-url", url,
+                         "--namespace", "cut", log="waiter.log")
+
+    def waiting() -> bool:
+        status = _cli(netns, url, "status", "sw", "--json")
+        rows = json.loads(status.stdout or "{}").get("coordinators", [])
+        return any(r["coordinator"] == "c" and r["state"] == "waiting" for r in rows)
+
+    _until(waiting)
+    netns.link(up=False)
+    try:
+        assert waiter.wait(timeout=60) == 4  # exit 4: the bus cannot be reached
+    finally:
+        netns.link(up=True)
+    assert "reconnect budget" in (tmp_path / "waiter.log").read_text()

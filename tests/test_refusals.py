@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import streambus
 from streambus.errors import NotPermitted
-from streambus.testing.servers import ServerProcess
+from streambus.testing.sentinel import LocalSentinelSet
+from streambus.testing.servers import ServerProcess, server_binaries
 from tests.clitools import Cli, one_line_message
 from tests.conftest import SERVER_KINDS
 
@@ -116,3 +118,22 @@ async def test_api_raises_not_permitted(secured: ServerProcess) -> None:
         with pytest.raises(NotPermitted, match="script 'publish'") as caught:
             await bus.publish("sw", "ch", {"verdict": "PASS"})
         assert "noxadd-pw" not in str(caught.value)
+
+
+def test_a_sentinel_refusing_the_password_is_exit_77_not_unreachable(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """redis-py's master discovery takes a sentinel that refuses our credentials for one that
+    is down; the store asks one directly, so the refusal is reported as such."""
+    with LocalSentinelSet(tmp_path / "sentinels", server_binaries()["valkey"],
+                          replicas=0) as sentinels:
+        for sentinel in sentinels.sentinels:
+            with sentinel.client() as client:
+                client.execute_command("ACL", "SETUSER", "default", "on", ">sentinel-pw",
+                                       "~*", "&*", "+@all")
+        url = f"{sentinels.url}?sentinel_password=not-the-password"
+        result = cli.run("status", "--redis-url", url)
+        assert result.returncode == 77, result.stderr
+        line = one_line_message(result.stderr)
+        assert "authentication failed" in line, line
+        assert "not-the-password" not in result.stderr

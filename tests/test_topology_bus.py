@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import httpx
 import pytest
 from redis.crc import key_slot
 
@@ -25,6 +26,7 @@ from streambus.bus import Bus
 from streambus.keys import SwarmKeys
 from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, server_binaries
 from tests.clitools import Cli
+from tests.dashboard_tools import running_dashboard
 from tests.fakes import until
 
 pytestmark = pytest.mark.anyio
@@ -243,3 +245,29 @@ def _swarms_on_two_masters(bus: Bus, cluster: LocalCluster) -> tuple[str, str]:
     first, second = by_master.values()
     assert key_slot(bus.keys(first).prefix.encode()) != key_slot(bus.keys(second).prefix.encode())
     return first, second
+
+
+def test_the_cfn_demo_runs_on_the_topology(cli: Cli, topology: Topology) -> None:
+    """The CFN Loop end to end (its own Lua script, run through ``bus.run_script`` on the
+    master of the swarm's slot), then listed by ``status`` from every master."""
+    common = ["--redis-url", topology.url, "--namespace", f"t{uuid.uuid4().hex[:10]}"]
+    demo = cli.run("demo", "--pace", "0", "--seed", "5", "--json", *common)
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads(demo.stdout.strip().splitlines()[-1])
+    assert summary["phases"]
+    assert all(p["state"] for p in summary["phases"])
+    listed = cli.run("status", "--json", *common)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["swarms"], "the demo's swarm is listed"
+
+
+async def test_the_dashboard_lists_the_swarms_of_every_master(tbus: Bus) -> None:
+    swarms = {f"d{n}" for n in range(6)}  # on a cluster, spread over its masters
+    for swarm in swarms:
+        await tbus.publish(swarm, "done", sender="v")
+    async with running_dashboard(tbus) as (url, _), httpx.AsyncClient(base_url=url) as client:
+        listed = await client.get("/api/swarms")
+        assert listed.status_code == 200
+        assert swarms <= {s["swarm"] for s in listed.json()["swarms"]}
+        page = await client.get("/swarms/d0")
+        assert page.status_code == 200

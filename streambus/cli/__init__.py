@@ -244,7 +244,7 @@ async def _dashboard(bus: Bus, args: argparse.Namespace) -> int:
 async def _traces(bus: Bus, args: argparse.Namespace) -> int:
     from consumers.traces import run_traces
 
-    await run_traces(bus, args.swarm, settle=args.settle)
+    await run_traces(bus, args.swarm, settle=args.settle, lease_ttl=args.lease_ttl)
     return EXIT_OK  # pragma: no cover - only a signal ends it
 
 

@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("swarm")
     p.add_argument("--settle", type=_duration, default=10.0,
                    help="end a signal's span after no new ACK for this long (default 10s)")
+    p.add_argument("--lease-ttl", type=_duration, default=10.0,
+                   help="one instance per swarm projects; another stands by and takes over "
+                        "this long after the first dies (default 10s)")
 
     p = sub.add_parser(
         "acl", parents=[common],

@@ -1,10 +1,11 @@
 -- Start (or resume) a coordinator's blocking wait on a channel, in server time.
--- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset
+-- KEYS[1] state hash, KEYS[2] channel stream, KEYS[3] events stream, KEYS[4] coordinators zset,
+-- KEYS[5] the coordinator's withdrawn-wait token (end_wait leaves it)
 -- ARGV[1] coordinator, ARGV[2] channel, ARGV[3] timeout (ms), ARGV[4] state ttl (s),
 -- ARGV[5] iteration (0 = previous + 1), ARGV[6] entry field, ARGV[7] events maxlen,
 -- ARGV[8] the peers it watches, comma-separated, ARGV[9] the wait's token (client-made, one per
--- wait_for call: a retried call is the same wait), ARGV[10] an iteration this process knows it
--- did not hand over (0: none)
+-- wait_for call: a retried call is the same wait), ARGV[10] the token of a wait of this process
+-- that may have received a signal it did not hand over ('': none)
 -- Returns {now, deadline, iteration, 0 new | 1 resumed | 2 already signaled | 3 withdrawn,
 --   stream id if 2 (else ''), started (ms: when this wait began, kept when resumed)}
 local t = redis.call('TIME')
@@ -21,26 +22,24 @@ if not ok then
 end
 
 local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'deadline_ms', 'iteration', 'started_ms',
-  'last_stream_id', 'unclaimed', 'withdrawn_token')
-local token, wanted, claim = ARGV[9] or '', tonumber(ARGV[5]), tonumber(ARGV[10] or '0')
+  'last_stream_id', 'unclaimed', 'wait_token')
+local token, wanted, claim = ARGV[9] or '', tonumber(ARGV[5]), ARGV[10] or ''
 -- This wait was cancelled before this script ran (end_wait left its token): start nothing.
-if token ~= '' and st[8] == token then
+if token ~= '' and redis.call('GET', KEYS[5]) == token then
   return {now, 0, 0, 3, '', now}
 end
--- Answer with the signal an iteration already received, instead of starting the next one:
--- * asked for by number (same channel): a wait is idempotent by iteration;
--- * asked for as "the next" while the last signal was never handed over (its wait was
---   cancelled or failed after the receipt: end_wait marked it 'unclaimed' with '1', or this
---   process remembers it); the mark then names this wait's token, so a retry of this same
---   call gets it again and the following call starts the next iteration.
+-- Answer with the signal an iteration already received, instead of starting the next one.
+-- 'unclaimed' says who may hand it over: '1' anyone (the wait that took it ended without handing
+-- it over), or the token of the wait now handing it over (so a retry of that same call gets it
+-- again, its failure marks it '1' again, and any other wait starts the next iteration).
 if st[1] == 'signaled' and st[2] == ARGV[2] and st[6] then
   local iteration = tonumber(st[4])
+  local free = st[7] == '1' or (token ~= '' and st[7] == token)
+    or (claim ~= '' and st[8] == claim and (not st[7] or st[7] == claim))
   local by_number = wanted > 0 and wanted == iteration
-  local unclaimed = wanted == 0 and (st[7] == '1' or (token ~= '' and st[7] == token)
-    or (claim > 0 and claim == iteration))
-  if by_number or unclaimed then
-    if token ~= '' then
-      redis.call('HSET', KEYS[1], 'unclaimed', token)
+  if by_number or (wanted == 0 and free) then
+    if free and token ~= '' then  -- this wait takes over the handing over
+      redis.call('HSET', KEYS[1], 'unclaimed', token, 'wait_token', token)
     end
     return {now, tonumber(st[3]), iteration, 2, st[6], tonumber(st[5]) or now}
   end

@@ -1,21 +1,21 @@
 -- End a coordinator's open wait with an outcome other than a signal (timeout, cancel, ...).
--- KEYS[1] state hash, KEYS[2] events stream, KEYS[3] coordinators zset
+-- KEYS[1] state hash, KEYS[2] events stream, KEYS[3] coordinators zset, KEYS[4] the
+-- coordinator's withdrawn-wait token
 -- ARGV[1] channel, ARGV[2] iteration (0: the wait begun with token ARGV[8], whose begin_wait
 -- reply was lost to a cancellation), ARGV[3] new state, ARGV[4] BlockingEnded event,
 -- ARGV[5] entry field, ARGV[6] state ttl (s), ARGV[7] events maxlen, ARGV[8] the wait's token
--- Returns 1 ended; 2 that wait had already received its signal, which its coordinator never
--- handed over (now marked 'unclaimed': the next wait returns it); 0 nothing to end.
+-- Returns 1 ended; 2 that wait held a signal it never handed over (now marked 'unclaimed' =
+-- '1': the coordinator's next wait on the channel returns it); 0 nothing to end.
 local st = redis.call('HMGET', KEYS[1], 'state', 'channel', 'iteration', 'coordinator',
-  'wait_token')
-local iteration, event = tonumber(ARGV[2]), ARGV[4]
+  'wait_token', 'unclaimed')
+local iteration, event, token = tonumber(ARGV[2]), ARGV[4], ARGV[8] or ''
 if iteration == 0 then
-  if ARGV[8] == nil or ARGV[8] == '' then
+  if token == '' then
     return 0
   end
-  if st[5] ~= ARGV[8] then
-    -- Its begin_wait has not run yet (or never will): leave the token, so it starts nothing.
-    redis.call('HSET', KEYS[1], 'withdrawn_token', ARGV[8])
-    redis.call('EXPIRE', KEYS[1], ARGV[6])
+  -- Whether or not its begin_wait has run yet: if it runs later, it starts nothing.
+  redis.call('SET', KEYS[4], token, 'EX', ARGV[6])
+  if st[5] ~= token then
     return 0
   end
   iteration = tonumber(st[3])
@@ -27,8 +27,13 @@ if st[2] ~= ARGV[1] or tonumber(st[3]) ~= iteration then
   return 0
 end
 if st[1] == 'signaled' then
-  redis.call('HSET', KEYS[1], 'unclaimed', '1')
-  return 2
+  -- Only the wait that holds the signal can give it back: the one that took it (nobody has
+  -- handed it over since), or the one that took over handing it over.
+  if token ~= '' and (st[6] == token or (not st[6] and st[5] == token)) then
+    redis.call('HSET', KEYS[1], 'unclaimed', '1')
+    return 2
+  end
+  return 0
 end
 if st[1] ~= 'waiting' then
   return 0

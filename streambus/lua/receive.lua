@@ -53,7 +53,13 @@ for g = 1, groups do
     end
     -- Only the wait that took the signal is closed by it: a receipt confirmed late (its first
     -- reply was lost) must not overwrite a newer wait of the same coordinator.
-    if redis.call('HGET', state, 'iteration') == iteration then
+    local was = redis.call('HMGET', state, 'iteration', 'state')
+    if was[1] == iteration then
+      -- A receipt applied after its wait ended (its reply was given up on): nobody handed the
+      -- signal over, so the coordinator's next wait returns it.
+      if was[2] ~= 'waiting' and was[2] ~= 'signaled' then
+        redis.call('HSET', state, 'unclaimed', '1')
+      end
       redis.call('HSET', state, 'state', 'signaled', 'outcome', 'signaled',
         'last_signal', signal_id, 'last_stream_id', entry_id, 'updated_ms', now, 'ended_ms', now)
       redis.call('EXPIRE', state, ttl)

@@ -153,6 +153,8 @@ def error_code(exc: rex.ResponseError) -> str:
 def translate(exc: BaseException, user: str | None = None) -> BaseException:
     """The streambus error for ``exc`` (anything not from redis-py is returned as is);
     ``user`` is the user the client authenticates as (``None``: the default user)."""
+    if isinstance(exc, StreambusError):
+        return exc  # translated already (NotPermitted is an OSError: never "unreachable")
     user = user or "default"
     # Before ConnectionError: redis-py raises these as connection errors, but no retry cures
     # a wrong password.
@@ -163,6 +165,8 @@ def translate(exc: BaseException, user: str | None = None) -> BaseException:
         return rejected
     if isinstance(exc, rex.ResponseError):
         code, message = error_code(exc), _SCRIPT_SUFFIX.sub("", str(exc))
+        if code and message.startswith(f"{code} "):  # an error a script returned as text
+            message = message[len(code) + 1:]
         command = getattr(exc, _COMMAND_ATTR, "")
         if pipelined := _PIPELINED.fullmatch(message):
             command = command or describe_command(pipelined["command"].split())
@@ -231,4 +235,7 @@ def translated(user: str | None = None) -> Iterator[None]:
     try:
         yield
     except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
-        raise translate(exc, user) from exc
+        error = translate(exc, user)
+        if error is exc:
+            raise  # a streambus error already (NotPermitted is an OSError)
+        raise error from exc

@@ -7,8 +7,9 @@ server: the same scripts, the same pipelines, ``WAIT``/``WAITAOF`` on the connec
 the write. Only *which* master is the topology's business:
 
 * one server: the URL's;
-* Sentinel: the one the sentinels name, asked again after every connection loss (a demoted
-  master's clients are killed by Sentinel at failover, so it is never written to again);
+* Sentinel: the one the sentinels name, asked again after every connection loss and every
+  second (a replaced master can accept writes for seconds before Sentinel reconfigures it, and
+  those writes are then discarded: see ``docs/topologies.md``);
 * Cluster: the master of the key's slot, from a slot map asked from any reachable node and asked
   again after any ``MOVED``, ``ASK``, ``CLUSTERDOWN``, ``READONLY`` or connection loss.
 
@@ -41,6 +42,9 @@ SOCKET_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 2.0
 TOPOLOGY_QUERY_S: Final = 1.0
 """How long one node or sentinel may take to say where the masters are."""
+SENTINEL_RECHECK_S: Final = 1.0
+RECHECK_LIMIT_S: Final = 0.25
+"""A periodic recheck (no error seen) waits this long at most, then keeps the known master."""
 Address = tuple[str, int]
 
 
@@ -72,6 +76,10 @@ class Nodes:
         self._clients: dict[Address, Any] = {}
         self._stale = True
         self._lock = anyio.Lock()
+        self._recheck_s: float | None = None
+        """Ask the topology again this often even without an error (Sentinel: see there)."""
+        self._resolved_at = 0.0
+        self._rechecking = False
 
     @property
     def kind(self) -> str:
@@ -83,14 +91,33 @@ class Nodes:
         self._stale = True
 
     async def fresh(self) -> None:
-        """Resolve the topology if it is stale (one caller resolves; the others wait)."""
+        """Resolve the topology if it is stale (one caller resolves; the others wait), or
+        recheck it if it is due; a recheck that gets no answer keeps what is known."""
         if not self._stale:
+            if self._recheck_due() and not self._rechecking:
+                await self._recheck()
             return
         async with self._lock:
             if self._stale:
                 with translated(self.endpoint.username):
                     await self._resolve()
                 self._stale = False
+                self._resolved_at = anyio.current_time()
+
+    async def _recheck(self) -> None:
+        """One caller asks again, bounded; the others carry on with what is known."""
+        self._rechecking = True
+        try:
+            with (anyio.move_on_after(RECHECK_LIMIT_S), contextlib.suppress(BusUnavailable),
+                  translated(self.endpoint.username)):
+                await self._resolve()
+        finally:
+            self._rechecking = False
+            self._resolved_at = anyio.current_time()
+
+    def _recheck_due(self) -> bool:
+        return (self._recheck_s is not None
+                and anyio.current_time() - self._resolved_at >= self._recheck_s)
 
     async def _resolve(self) -> None:
         raise NotImplementedError
@@ -167,6 +194,9 @@ class SingleNode(Nodes):
     def client(self, key: str) -> Any:
         return self._only
 
+    def address(self, key: str) -> Address:
+        return ("", 0)  # the URL's server, whatever its address (a Unix socket, say)
+
     def masters(self) -> list[Any]:
         return [self._only]
 
@@ -201,12 +231,18 @@ class SentinelMaster(Nodes):
         self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(endpoint.hosts), sentinel_kwargs=sentinel_kwargs)
         self._master: Address | None = None
+        # A master that Sentinel replaced may go on accepting writes until it is reconfigured
+        # (seconds, with no error to its clients): writes there are discarded when it becomes
+        # a replica. Asking the sentinels every second bounds that window for this process;
+        # `durability="replicated"` (or min-replicas-to-write on the server) closes it.
+        self._recheck_s = SENTINEL_RECHECK_S
 
     async def _resolve(self) -> None:
         try:
             with anyio.fail_after(TOPOLOGY_QUERY_S * len(self.endpoint.hosts)):
                 host, port = await self._sentinel.discover_master(self.endpoint.service)
         except Exception as exc:  # MasterNotFoundError, or every sentinel unreachable
+            await self._refused_by_sentinels()
             raise BusUnavailable(
                 f"no sentinel of {self.endpoint.redacted} names a master for "
                 f"{self.endpoint.service!r}: {exc}") from None
@@ -216,6 +252,20 @@ class SentinelMaster(Nodes):
             for address in [a for a in self._clients if a != self._master]:
                 with contextlib.suppress(Exception):
                     await self._clients.pop(address).aclose()
+
+    async def _refused_by_sentinels(self) -> None:
+        """redis-py's discovery treats a sentinel that refuses our credentials like one that
+        is down; ask one directly, so that a wrong password is a refusal (exit 77), not an
+        outage retried until a budget runs out."""
+        for sentinel in self._sentinel.sentinels:
+            try:
+                with anyio.fail_after(TOPOLOGY_QUERY_S):
+                    await sentinel.ping()
+            except (rex.AuthenticationError, rex.AuthorizationError, rex.NoPermissionError):
+                raise
+            except Exception:  # down: the next may answer
+                continue
+            return
 
     def address(self, key: str) -> Address:
         if self._master is None:

@@ -28,6 +28,7 @@ class BlockingReader:
         self.route = route
         self._nodes = nodes
         self._redis: Any = None
+        self._address: tuple[str, int] | None = None
         self.client_id: int | None = None
 
     def __repr__(self) -> str:
@@ -37,8 +38,13 @@ class BlockingReader:
     async def _client(self) -> AsyncIterator[Any]:
         try:
             with translated(self._nodes.endpoint.username):
+                await self._nodes.fresh()
+                if self._redis is not None and self._nodes.address(self.route) != self._address:
+                    # The topology moved the master (a Sentinel recheck) while this connection
+                    # stayed up: a demoted master may never answer it with an error.
+                    raise BusUnavailable(f"the master of {self.route} moved")
                 if self._redis is None:
-                    await self._nodes.fresh()
+                    self._address = self._nodes.address(self.route)
                     self._redis = self._nodes.open_reader(
                         self.route, socket_timeout=self.block_ms / 1000 + 1.0)
                 yield self._redis

@@ -117,19 +117,20 @@ class SignalOps(_StoreBase):
 
     async def begin_wait(
         self, keys: SwarmKeys, coordinator: str, channel: str, timeout_ms: int, iteration: int,
-        watches: Sequence[str] = (), *, token: str = "", claim: int = 0,
+        watches: Sequence[str] = (), *, token: str = "", claim: str = "",
     ) -> WaitStart:
         """Create the coordinator's group (at 0) and record the wait, keeping an open deadline.
 
         ``token`` names this wait (a retry of a lost reply is the same wait; ``end_wait`` can
-        end it by token). ``claim`` is an iteration whose signal this process received but never
-        handed over: with ``iteration=0`` it is answered again rather than skipped.
+        end it by token). ``claim`` is the token of a wait of this process that may have
+        received a signal and not handed it over: with ``iteration=0`` that signal is answered
+        again rather than skipped (if nothing has happened to that wait since).
         """
         async with self._on(keys.prefix) as redis:
             reply = await self._scripts.call(
                 redis, "begin_wait",
                 keys=[keys.state(coordinator), keys.channel(channel), keys.events,
-                                    keys.coordinators],
+                      keys.coordinators, keys.withdrawn(coordinator)],
                 args=[coordinator, channel, timeout_ms, self.limits.state_ttl_s, iteration, FIELD,
                       self.limits.events_maxlen, ",".join(watches), token, claim],
             )
@@ -166,12 +167,14 @@ class SignalOps(_StoreBase):
         """Record how a wait ended, if it is still the open wait. False: already ended.
 
         ``iteration=0`` ends the wait begun with ``token`` (its ``begin_wait`` reply was lost),
-        or, if that has not run yet, stops it from starting. If the wait had received its
-        signal already, the signal is marked unclaimed: the coordinator's next wait returns it.
+        or, if that has not run yet, stops it from starting. If the wait ``token`` holds a
+        signal it never handed over, the signal is marked unclaimed: the coordinator's next
+        wait on the channel returns it.
         """
         async with self._on(keys.prefix) as redis:
             changed = await self._scripts.call(
-                redis, "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators],
+                redis, "end_wait", keys=[keys.state(coordinator), keys.events, keys.coordinators,
+                                         keys.withdrawn(coordinator)],
                 args=[channel, iteration, state, ended_event, FIELD, self.limits.state_ttl_s,
                       self.limits.events_maxlen, token],
             )

@@ -181,6 +181,15 @@ class UpkeepOps(_StoreBase):
                 args=[dead_after_ms, FIELD, self.limits.events_maxlen, limit])
         return [c.decode() for c in reply]
 
+    async def lease(self, keys: SwarmKeys, job: str, holder: str, ttl_ms: int, *,
+                    release: bool = False) -> tuple[bool, str, int]:
+        """Take or renew (or release) the lease of ``job``: (held, its holder, time left ms)."""
+        async with self._on(keys.prefix) as redis:
+            held, who, left = await self._scripts.call(
+                redis, "lease", keys=[keys.lease(job)],
+                args=[holder, ttl_ms, "release" if release else "hold"])
+        return bool(held), who.decode() if isinstance(who, bytes) else str(who), int(left)
+
     async def request_retry(self, keys: SwarmKeys, coordinator: str, request_id: str,
                             event: bytes, backlog_limit: int) -> tuple[int, str]:
         """Append a retry request: ``(0, id)`` new, ``(1, id)`` duplicate, ``(2, backlog)`` full."""
