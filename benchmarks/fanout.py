@@ -287,7 +287,8 @@ class _Cost:
         return {"server_cpu_ms": round(1000 * self.server_cpu_s, 2),
                 "others_cpu_pct": round(100 * self.others_s / max(1e-6, self.wall_s)
                                         / (os.cpu_count() or 1), 1),
-                "server_commands": {name: {"calls": c, "usec": u} for name, (c, u) in busiest}}
+                "server_commands": {name: {"calls": c, "usec": u} for name, (c, u) in busiest},
+                "server_calls": sum(calls for calls, _ in self.commands.values())}
 
 
 def schedule(spec: FanoutSpec, *, interleaved: bool) -> Iterator[Step]:

@@ -51,6 +51,9 @@ def perf_targets(doc: dict[str, Any]) -> Iterator[tuple[str, str, bool | None, s
         if (r := fanouts.get(scenario)) is not None and (cpu := _server_cpu(r)):
             yield (f"{r['title']}: server CPU per delivered signal per waiter", cpu, None,
                    " (reported: what limits a shard)")
+        if r is not None and (calls := _server_calls(r)):
+            yield (f"{r['title']}: server commands per delivered signal per waiter", calls,
+                   None, " (reported; a script and each command it runs count one each)")
     oneshot = next((r for r in doc["results"]
                     if r.get("workload") == "oneshot" and "error" not in r), None)
     if oneshot is not None:
@@ -79,4 +82,16 @@ def _server_cpu(result: dict[str, Any]) -> str:
         cpu = result["systems"].get(system, {}).get("server_cpu_ms_per_round")
         if cpu is not None:
             parts.append(f"{label(system)} {cpu * 1000 / result['coordinators']:.1f} µs")
+    return "; ".join(parts)
+
+
+def _server_calls(result: dict[str, Any]) -> str:
+    """Server commands per measured round / waiters, per system (the send included)."""
+    parts = []
+    for system in (STREAMBUS, XREADGROUP, BLPOP, PUBSUB):
+        rounds = [r["server_calls"] for r in result["systems"].get(system, {}).get(
+            "per_round", []) if not r.get("warmup") and "server_calls" in r]
+        if rounds:
+            per = sum(rounds) / len(rounds) / result["coordinators"]
+            parts.append(f"{label(system)} {per:.1f}")
     return "; ".join(parts)
