@@ -1,0 +1,131 @@
+"""``python -m benchmarks.chaos --minutes N [--seed S] [--topology single|sentinel|cluster]``
+
+Runs one soak (see :mod:`benchmarks.chaos`), prints its table and, for every violation, the
+history excerpt; keeps the history in ``--out`` (a new temporary directory by default).
+Exit status: 0 when the history holds the contract, 1 on any violation, 2 when the soak
+could not run (a topology that did not start, coordinators that never started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from benchmarks.chaos.history import Report, check, max_s, median_s
+from benchmarks.chaos.plan import LINK_FAULT, SoakPlan, make_plan
+from benchmarks.chaos.servers import SERVER_FAULTS, TOPOLOGIES, NetnsLink, faketime_library
+from benchmarks.chaos.soak import Collected, Soak
+from benchmarks.common import machine_facts
+
+
+def machine_skips(topology: str) -> dict[str, str]:
+    """The fault kinds this machine (or topology) cannot run, with the reason."""
+    skipped = {}
+    if topology != "single":
+        skipped[LINK_FAULT] = ("sentinel and cluster nodes announce 127.0.0.1, unreachable "
+                               "from another network namespace")
+    elif (reason := NetnsLink.unavailable()) is not None:
+        skipped[LINK_FAULT] = reason
+    if faketime_library() is None:
+        skipped["clock_skew"] = "libfaketime not installed (Debian package faketime)"
+    return skipped
+
+
+def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
+    counts = report.counts
+    rows = ["| fault | injected | max recovery (s) | median recovery (s) |",
+            "| --- | --- | --- | --- |"]
+    for kind in plan.kinds:
+        stats = report.faults.get(kind)
+        injected = stats.injected if stats else 0
+        recoveries = stats.recoveries_ms if stats else []
+        rows.append(f"| {kind} | {injected} | {max_s(recoveries)} | {median_s(recoveries)} |")
+    for kind, reason in plan.skipped.items():
+        rows.append(f"| {kind} | skipped: {reason} | | |")
+    skews = sorted({w.skew for w in plan.workers if w.skew})
+    if skews:
+        rows.append(f"| clock_skew | {len([w for w in plan.workers if w.skew])} worker "
+                    f"processes for the whole run ({', '.join(skews)}) | | |")
+    rows += ["", "| outcome | count |", "| --- | --- |"]
+    outcome_rows = [
+        ("signals published", f"{counts['published']} (await_acks {counts['await_acks']}, "
+                              f"ack timeouts {counts['ack_timeouts']}, "
+                              f"publish retries {counts['publish_retries']})"),
+        ("deliveries (wait returns)", f"{counts['deliveries']} (replays of a received "
+                                      f"iteration {counts['replays']})"),
+        ("timeouts", f"{counts['timeouts']} (latest after the deadline: "
+                     f"{report.late_ms['quiet'] / 1000:.2f} s without a fault, "
+                     f"{report.late_ms['fault'] / 1000:.2f} s during one)"),
+        ("cancelled waits", counts["cancelled"]),
+        ("lost", counts["lost"]),
+        ("lost on failover (durability none: allowed)", counts["lost_on_failover"]),
+        ("skipped", counts["skipped"]),
+        ("duplicates", f"{counts['duplicate']} (same iteration {counts['same-iteration']}; "
+                       f"after a failover, allowed {counts['duplicates_after_failover']})"),
+        ("acks without a receipt", counts["ack-without-receipt"]),
+        ("acked, then killed before the journal write (allowed)",
+         counts["acked_then_killed"] + counts["acked_unconfirmed"]),
+        ("deadline violations", counts["late-timeout"] + counts["early-timeout"]
+         + counts["deadline-not-server-time"]),
+        ("worker crashes", counts["crash"]),
+        ("verdict", "OK" if report.ok else f"{len(report.violations)} VIOLATIONS"),
+    ]
+    rows += [f"| {name} | {value} |" for name, value in outcome_rows]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
+    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="single")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the history is kept (default: a new temporary directory)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    out = args.out or Path(tempfile.mkdtemp(prefix=f"streambus-chaos-{seed}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(seed, args.topology, args.minutes, SERVER_FAULTS[args.topology],
+                     machine_skips(args.topology))
+    command = (f"python -m benchmarks.chaos --minutes {args.minutes:g} --seed {seed} "
+               f"--topology {args.topology}")
+    library_log = logging.getLogger("streambus")  # the in-process buses' warnings: to a file
+    library_log.addHandler(logging.FileHandler(out / "streambus.log"))
+    library_log.setLevel(logging.WARNING)
+    library_log.propagate = False
+    print(f"{command}\nhistory: {out}\nfaults scheduled: {len(plan.schedule)}", flush=True)
+    began = time.monotonic()
+    try:
+        collected = anyio.run(Soak(plan, out).run)
+    except Exception as exc:  # the soak could not run at all: not a verdict on the bus
+        print(f"chaos: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    report = check(collected)
+    table = render(plan, collected, report)
+    facts = machine_facts()
+    print(f"\n{table}\n\nmachine: {facts['usable_cpus']} cpus ({facts['cpu_model']}), load "
+          f"{facts['load_average']}; {time.monotonic() - began:.0f} s in all "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in collected.timings.items())})")
+    for violation in report.violations[:20]:
+        print(f"\nVIOLATION {violation.kind}: {violation.coordinator} {violation.signal}: "
+              f"{violation.detail}")
+        for line in violation.excerpt:
+            print(f"    {line}")
+    if report.violations:
+        print(f"\nreplay: {command}  (history kept in {out})")
+    (out / "report.md").write_text(f"{command}\n\n{table}\n")
+    (out / "violations.json").write_text(json.dumps(
+        [vars(v) for v in report.violations], indent=1))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
