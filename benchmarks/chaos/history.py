@@ -130,7 +130,7 @@ class Checker:
     def _not_returned(self, coordinator: str, publish: PublishRecord, lines: list[Line]) -> None:
         ack_id = self.col.ack_ids.get((publish.signal_id, coordinator))
         if ack_id is None:
-            if publish.stream_id in self.in_stream[(publish.swarm, publish.channel)]:
+            if publish.stream_id in self.in_stream.get((publish.swarm, publish.channel), set()):
                 self.report.flag(Violation(
                     "lost", coordinator, publish.signal_id,
                     f"in the stream as {publish.stream_id}, neither returned nor acknowledged",
