@@ -155,11 +155,8 @@ class Checker:
 
     def _taking_wait(self, lines: list[Line], ack_ms: int) -> tuple[Line, Line | None] | None:
         """The wait that was open when the ACK was written (the last begun before it)."""
-        taking = None
-        for begun, ended in waits(lines):
-            if begun["t0"] <= ack_ms:
-                taking = (begun, ended)
-        return taking
+        before = [(begun, ended) for begun, ended in waits(lines) if begun["t0"] <= ack_ms]
+        return max(before, key=lambda wait: wait[0]["t0"], default=None)
 
     def _honest_window(self, coordinator: str, lines: list[Line], ack_ms: int, channel: str
                        ) -> str | None:

@@ -22,6 +22,7 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
+import msgspec
 
 import streambus
 from benchmarks.chaos.coordinator import end_marker
@@ -262,6 +263,10 @@ class Soak:
                 streams[(swarm, channel)] = [
                     (entry_id, getattr(decode_fields(fields), "signal_id", "?"))
                     for entry_id, fields in entries]
+        (self.directory / "recorded.json").write_text(json.dumps({
+            "acks": {s: [msgspec.structs.asdict(a) for a in acks[s]] for s in acks},
+            "ack_ids": [[*key, value] for key, value in ack_ids.items()],
+            "streams": [[*key, value] for key, value in streams.items()]}))
         return Collected(
             plan, self.directory, publishes,
             {c: self._journal(c) for c in plan.all_coordinators}, acks, ack_ids, streams,
