@@ -85,6 +85,8 @@ class Checker:
                           for key, entries in collected.streams.items()}
         self.published: dict[tuple[str, str], PublishRecord] = {
             (p.swarm, p.signal_id): p for p in collected.publishes}
+        self.ack_events = {(a.signal_id, a.coordinator): a
+                           for acks in collected.acks.values() for a in acks}
 
     def run(self) -> Report:
         col, report = self.col, self.report
@@ -148,10 +150,12 @@ class Checker:
         if why is not None:
             self.report.counts[why] += 1
             return
+        ack = self.ack_events.get((publish.signal_id, coordinator))
         self.report.flag(Violation(
             "skipped", coordinator, publish.signal_id,
-            f"acknowledged as {ack_id} (stream id {publish.stream_id}), never returned, and "
-            f"the wait that took it lived on", self._excerpt(lines, ack_ms)))
+            f"acknowledged as {ack_id} (stream id {publish.stream_id}, iteration "
+            f"{ack.iteration if ack else '?'}), never returned, and the wait that took it "
+            f"lived on", self._excerpt(lines, ack_ms)))
 
     def _taking_wait(self, lines: list[Line], ack_ms: int) -> tuple[Line, Line | None] | None:
         """The wait that was open when the ACK was written (the last begun before it)."""
