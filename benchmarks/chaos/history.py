@@ -202,11 +202,21 @@ class Checker:
                                            f"iteration {iteration} returned {len(signals)}"))
 
     def _deadlines(self, coordinator: str, lines: list[Line]) -> None:
+        after_receipt: dict[int, bool] = {}
         for begun, ended in waits(lines):
+            fresh = after_receipt.get(begun.incarnation, False)
+            after_receipt[begun.incarnation] = ended is not None and ended.kind == "recv"
             if ended is None or ended.kind != "timeout":
                 continue
             deadline, now = ended["deadline"], ended["now"]
-            if deadline > begun["t0"] + begun["timeout_ms"] + DEADLINE_SLACK_MS:
+            # The deadline is the server's time when begin_wait ran plus the timeout: not
+            # before the time read just ahead of it (a wait right after a receipt is never
+            # a resumed one, whose deadline is older), and not after it by more than the
+            # faults in between delayed begin_wait (it is retried while the server is down).
+            start = begun["t0"] + begun["timeout_ms"]
+            late_start = deadline - start - self._fault_overlap_ms(coordinator, begun["t0"],
+                                                                    deadline)
+            if late_start > DEADLINE_SLACK_MS or (fresh and deadline < start - EARLY_SLACK_MS):
                 self.report.flag(Violation(
                     "deadline-not-server-time", coordinator, "",
                     f"deadline {deadline} is {deadline - begun['t0']} ms after the wait began "
