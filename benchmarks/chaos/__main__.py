@@ -1,4 +1,5 @@
 """``python -m benchmarks.chaos --minutes N [--seed S] [--topology single|sentinel|cluster]``
+(or ``--recheck DIR``)
 
 Runs one soak (see :mod:`benchmarks.chaos`), prints its table and, for every violation, the
 history excerpt; keeps the history in ``--out`` (a new temporary directory by default).
@@ -23,6 +24,7 @@ from benchmarks.chaos.history import Report, check, max_s, median_s
 from benchmarks.chaos.plan import LINK_FAULT, SoakPlan, make_plan
 from benchmarks.chaos.servers import SERVER_FAULTS, TOPOLOGIES, NetnsLink, faketime_library
 from benchmarks.chaos.soak import Collected, Soak
+from benchmarks.chaos.stored import load_collected, save_plan
 from benchmarks.common import machine_facts
 
 
@@ -91,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topology", choices=TOPOLOGIES, default="single")
     parser.add_argument("--out", type=Path, default=None,
                         help="where the history is kept (default: a new temporary directory)")
+    parser.add_argument("--recheck", type=Path, default=None, metavar="DIR",
+                        help="check the history kept in DIR again, without running a soak")
     args = parser.parse_args(argv)
+    if args.recheck is not None:
+        collected = load_collected(args.recheck)
+        return report(collected.plan, collected, f"recheck of {args.recheck}", args.recheck)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     out = args.out or Path(tempfile.mkdtemp(prefix=f"streambus-chaos-{seed}-"))
     out.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(seed, args.topology, args.minutes, SERVER_FAULTS[args.topology],
-                     machine_skips(args.topology))
+    skipped = machine_skips(args.topology)
+    plan = make_plan(seed, args.topology, args.minutes, SERVER_FAULTS[args.topology], skipped)
+    save_plan(out, seed, args.topology, args.minutes, skipped)
     command = (f"python -m benchmarks.chaos --minutes {args.minutes:g} --seed {seed} "
                f"--topology {args.topology}")
     library_log = logging.getLogger("streambus")  # the in-process buses' warnings: to a file
@@ -110,23 +118,30 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the soak could not run at all: not a verdict on the bus
         print(f"chaos: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    report = check(collected)
-    table = render(plan, collected, report)
+    return report(plan, collected, command, out,
+                  f"; {time.monotonic() - began:.0f} s in all ("
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in collected.timings.items()) + ")")
+
+
+def report(plan: SoakPlan, collected: Collected, command: str, out: Path, took: str = ""
+           ) -> int:
+    """Check the history, print the table and the violations; 0 when it holds."""
+    verdict = check(collected)
+    table = render(plan, collected, verdict)
     facts = machine_facts()
     print(f"\n{table}\n\nmachine: {facts['usable_cpus']} cpus ({facts['cpu_model']}), load "
-          f"{facts['load_average']}; {time.monotonic() - began:.0f} s in all "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in collected.timings.items())})")
-    for violation in report.violations[:20]:
+          f"{facts['load_average']}{took}")
+    for violation in verdict.violations[:20]:
         print(f"\nVIOLATION {violation.kind}: {violation.coordinator} {violation.signal}: "
               f"{violation.detail}")
         for line in violation.excerpt:
             print(f"    {line}")
-    if report.violations:
+    if verdict.violations:
         print(f"\nreplay: {command}  (history kept in {out})")
     (out / "report.md").write_text(f"{command}\n\n{table}\n")
     (out / "violations.json").write_text(json.dumps(
-        [vars(v) for v in report.violations], indent=1))
-    return 0 if report.ok else 1
+        [vars(v) for v in verdict.violations], indent=1))
+    return 0 if verdict.ok else 1
 
 
 if __name__ == "__main__":
