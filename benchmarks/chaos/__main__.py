@@ -4,7 +4,8 @@
 Runs one soak (see :mod:`benchmarks.chaos`), prints its table and, for every violation, the
 history excerpt; keeps the history in ``--out`` (a new temporary directory by default).
 Exit status: 0 when the history holds the contract, 1 on any violation, 2 when the soak
-could not run (a topology that did not start, coordinators that never started).
+could not run (a topology that did not start, coordinators that never started), 128+N when
+stopped by signal N (every process it started is stopped first).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import anyio
@@ -25,7 +27,7 @@ from benchmarks.chaos.plan import LINK_FAULT, SoakPlan, make_plan
 from benchmarks.chaos.servers import SERVER_FAULTS, TOPOLOGIES, NetnsLink, faketime_library
 from benchmarks.chaos.soak import Collected, Soak
 from benchmarks.chaos.stored import load_collected, save_plan
-from benchmarks.common import machine_facts
+from benchmarks.common import BenchmarkError, leaves, machine_facts, report_failure
 
 
 def machine_skips(topology: str) -> dict[str, str]:
@@ -116,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         collected = anyio.run(Soak(plan, out).run)
     except Exception as exc:  # the soak could not run at all: not a verdict on the bus
-        print(f"chaos: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if all(isinstance(e, BenchmarkError) for e in leaves(exc)):
+            code = report_failure("chaos", exc)
+            return 2 if code == 1 else code
+        traceback.print_exc()
         return 2
     return report(plan, collected, command, out,
                   f"; {time.monotonic() - began:.0f} s in all ("

@@ -32,6 +32,7 @@ from benchmarks.chaos.plan import CHANNELS, LINK_FAULT, QUIET, FaultEvent, SoakP
 from benchmarks.chaos.servers import NetnsLink, Servers, faketime_library, skewed_env
 from benchmarks.chaos.worker import SOAK_LIMITS
 from benchmarks.chaos.workload import InProcess, Publishers, PublishRecord
+from benchmarks.common import BenchmarkError, raise_on_signal
 from streambus import Ack, Bus
 from streambus.keys import SwarmKeys
 from streambus.schema import decode_fields
@@ -98,6 +99,8 @@ class Soak:
         return f"<Soak {self.plan.topology} seed={self.plan.seed} {self.directory}>"
 
     async def run(self) -> Collected:
+        """Run the soak; SIGINT/SIGTERM stop it (as :class:`Interrupted`) with every process
+        it started stopped and the namespace removed."""
         began = time.monotonic()
         try:
             if self.link is not None:
@@ -105,7 +108,11 @@ class Soak:
             await anyio.to_thread.run_sync(self.servers.start)
             self.fleet.url = self.servers.url
             self.fleet.netns_url = self.servers.netns_url()
-            return await self._run_with_servers(began)
+            async with anyio.create_task_group() as tg:
+                await tg.start(raise_on_signal)
+                collected = await self._run_with_servers(began)
+                tg.cancel_scope.cancel()
+            return collected
         finally:
             self.fleet.close()
             await anyio.to_thread.run_sync(self.servers.stop)
@@ -153,7 +160,7 @@ class Soak:
         while not condition():
             if time.monotonic() > deadline:
                 if fail:
-                    raise RuntimeError(f"soak {what} did not finish within {limit:.0f} s; "
+                    raise BenchmarkError(f"soak {what} did not finish within {limit:.0f} s; "
                                        f"see {self.directory}")
                 return False
             self.crashes += self.fleet.revive_dead()
@@ -186,6 +193,9 @@ class Soak:
     async def _inject(self, publishers: Publishers, in_process: InProcess,
                       began: float) -> None:
         for event in self.plan.schedule:
+            over = time.monotonic() - began >= self.plan.duration_s
+            if over and {f.kind for f in self.faults} >= set(self.plan.kinds):
+                return  # slow faults (failovers) fell behind the schedule: the soak is over
             await anyio.sleep(max(0.0, began + event.at - time.monotonic()))
             await self._fault(event, publishers, in_process)
             self.crashes += self.fleet.revive_dead()
