@@ -71,14 +71,13 @@ def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
         ("cancelled waits", counts["cancelled"]),
         ("lost", counts["lost"]),
         ("lost on failover (durability none: allowed)", counts["lost_on_failover"]),
-        ("skipped", counts["skipped"]),
+        ("skipped", f"{counts['skipped']} (+ {counts['skipped-unconfirmed']} whose wait ended "
+                    "BusUnavailable, receipt not confirmed)"),
         ("duplicates", f"{counts['duplicate']} (same iteration {counts['same-iteration']}; "
                        f"after a failover, allowed {counts['duplicates_after_failover']})"),
         ("acks without a receipt", counts["ack-without-receipt"]),
         ("acked, then killed before the journal write (allowed)", counts["acked_then_killed"]),
-        ("acked, receipt unconfirmed at the deadline: BusUnavailable said to wait again "
-         "with the iteration, an iteration=0 caller moved on (allowed, see the note)",
-         counts["acked_unconfirmed"]),
+
         ("deadline violations", counts["late-timeout"] + counts["early-timeout"]
          + counts["deadline-not-server-time"]),
         ("worker crashes", counts["crash"]),

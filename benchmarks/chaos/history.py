@@ -7,11 +7,13 @@ allows. The verdicts, per coordinator and signal:
 * **delivered**: a wait returned it.
 * **acked, then killed** (allowed): acknowledged for a coordinator of the ``auto`` style whose
   process died inside the wait that took it, before the journal write (``wait_for``
-  acknowledges before it returns); or whose wait ended ``BusUnavailable`` with the receipt
-  unconfirmed (the error says so). ``numbered`` coordinators wait again with the same
+  acknowledges before it returns). ``numbered`` coordinators wait again with the same
   iteration and get it back, so for them this window is closed.
 * **skipped** (violation): acknowledged for the coordinator, never returned, and the wait that
   took it lived on (it returned something else, timed out, or was cancelled and waited again).
+  **skipped-unconfirmed** is the case where that wait ended ``BusUnavailable`` "receipt could
+  not be confirmed; wait again with iteration=N": an ``iteration=0`` caller cannot, so the
+  signal is skipped all the same (``tests/test_unconfirmed_receipt.py``).
 * **lost** (violation): neither returned nor acknowledged though still in the stream (the
   coordinator returned the channel's later end marker, so its group read past it).
 * **lost on failover** (allowed for durability "none" only): gone from the stream after a
@@ -151,8 +153,11 @@ class Checker:
             self.report.counts[why] += 1
             return
         ack = self.ack_events.get((publish.signal_id, coordinator))
+        taking = self._taking_wait(lines, ack_ms)
+        unconfirmed = taking is not None and taking[1] is not None and \
+            taking[1].kind == "unavailable"
         self.report.flag(Violation(
-            "skipped", coordinator, publish.signal_id,
+            "skipped-unconfirmed" if unconfirmed else "skipped", coordinator, publish.signal_id,
             f"acknowledged as {ack_id} (stream id {publish.stream_id}, iteration "
             f"{ack.iteration if ack else '?'}), never returned, and the wait that took it "
             f"lived on", self._excerpt(lines, ack_ms)))
@@ -171,7 +176,8 @@ class Checker:
             return None
         begun, ended = taking
         if ended is not None:
-            return "acked_unconfirmed" if ended.kind == "unavailable" else None
+            return None  # it lived on (even a BusUnavailable "receipt not confirmed": the
+            # caller numbering nothing cannot wait again with that iteration)
         worker = self.col.plan.workers_of(coordinator)
         life = self.col.fleet.life_of(worker, begun.incarnation) if worker else None
         if life is not None and life.fate == "killed":
