@@ -52,6 +52,12 @@ def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
         injected = stats.injected if stats else 0
         recoveries = stats.recoveries_ms if stats else []
         rows.append(f"| {kind} | {injected} | {max_s(recoveries)} | {median_s(recoveries)} |")
+    if plan.topology != "single":
+        changes = report.faults.get("master_change")
+        rows.append(f"| master_change (observed; scheduled failovers included) | "
+                    f"{changes.injected if changes else 0} | "
+                    f"{max_s(changes.recoveries_ms) if changes else '-'} | "
+                    f"{median_s(changes.recoveries_ms) if changes else '-'} |")
     for kind, reason in plan.skipped.items():
         rows.append(f"| {kind} | skipped: {reason} | | |")
     skews = sorted({w.skew for w in plan.workers if w.skew})
@@ -70,11 +76,16 @@ def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
                      f"{report.late_ms['fault'] / 1000:.2f} s during one)"),
         ("cancelled waits", counts["cancelled"]),
         ("lost", counts["lost"]),
-        ("lost on failover (durability none: allowed)", counts["lost_on_failover"]),
+        ("lost on failover (durability none: allowed)",
+         f"{counts['lost_on_failover_signals']} signals ({counts['lost_on_failover']} "
+         "signal-coordinator pairs)"),
         ("skipped", f"{counts['skipped']} (+ {counts['skipped-unconfirmed']} whose wait ended "
                     "BusUnavailable, receipt not confirmed)"),
         ("duplicates", f"{counts['duplicate']} (same iteration {counts['same-iteration']}; "
-                       f"after a failover, allowed {counts['duplicates_after_failover']})"),
+                       f"after a failover, allowed: {counts['duplicates_after_failover']} "
+                       f"duplicates, {counts['same_iteration_after_failover']} iterations "
+                       f"rolled back, {counts['split_brain_deliveries']} deliveries from a "
+                       "replaced master)"),
         ("acks without a receipt", counts["ack-without-receipt"]),
         ("acked, then killed before the journal write (allowed)", counts["acked_then_killed"]),
 
@@ -89,7 +100,7 @@ def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
-    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--minutes", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--topology", choices=TOPOLOGIES, default="single")
     parser.add_argument("--out", type=Path, default=None,
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.recheck is not None:
         collected = load_collected(args.recheck)
         return report(collected.plan, collected, f"recheck of {args.recheck}", args.recheck)
+    if args.minutes is None:
+        parser.error("--minutes is required (unless --recheck)")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     out = args.out or Path(tempfile.mkdtemp(prefix=f"streambus-chaos-{seed}-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,14 @@ class Servers:
             "master_freeze": self._freeze_master}
         return {kind: every[kind] for kind in SERVER_FAULTS[self.kind]}
 
+    def master_ports(self, keys: list[str]) -> tuple[int, ...] | None:
+        """Who is master now (the master of each key on a cluster); None on one server."""
+        if self.sentinel is not None:
+            return (self.sentinel.master().port,)
+        if self.cluster is not None:
+            return tuple(self.cluster.master_of(key).port for key in keys)
+        return None
+
     def wait_healthy(self) -> None:
         if self.sentinel is not None:
             self.sentinel.wait_healthy(HEALTHY_LIMIT_S)

@@ -40,6 +40,9 @@ from streambus.schema import decode_fields
 START_LIMIT_S: Final = 90.0
 DRAIN_LIMIT_S: Final = 240.0
 PAGE: Final = 1000
+MASTER_CHANGE_LEAD_S: Final = 3.0
+"""An observed master change disrupts from this long before it is seen: Sentinel's and the
+cluster's 1 s failure detection, the vote and the promotion."""
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Soak:
                 for name in self.fleet.specs:
                     self.fleet.start(name)
                 await tg.start(in_process.run)
+                tg.start_soon(self._watch_masters)
                 await self._until(self._all_begun, START_LIMIT_S, "start")
                 self.timings["start_s"] = time.monotonic() - began
                 chaos_began = time.monotonic()
@@ -151,6 +155,32 @@ class Soak:
                 tg.cancel_scope.cancel()
             self.fleet.close()
             return await self._collect(own_bus, publishers.records, drained)
+
+    async def _watch_masters(self) -> None:
+        """Record every change of master, scheduled or not: under load a Sentinel set or a
+        cluster also fails over on its own, and the checker must know when."""
+        keys = [SwarmKeys.for_swarm(self.namespace, s).channel(CHANNELS[0])
+                for s in self.plan.swarms]
+        last: tuple[int, ...] | None = None
+        while True:
+            try:
+                now = await anyio.to_thread.run_sync(self.servers.master_ports, keys)
+            except Exception:
+                now = None
+            if now is None and last is None and self.plan.topology == "single":
+                return
+            seen = time.time()
+            if now is not None and last is not None and now != last:
+                self._record(FaultRecord("master_change", f"{last} -> {now}",
+                                         tuple(self.plan.all_coordinators),
+                                         seen - MASTER_CHANGE_LEAD_S, seen, "observed"))
+            last = now or last
+            await anyio.sleep(0.25)
+
+    def _record(self, record: FaultRecord) -> None:
+        self.faults.append(record)
+        with (self.directory / "faults.jsonl").open("a") as log:
+            log.write(json.dumps(asdict(record)) + "\n")
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -245,9 +275,7 @@ class Soak:
             fault = self.servers.faults()[event.kind]
             record.detail = await anyio.to_thread.run_sync(fault, rng, key)
         record.ended = time.time()
-        self.faults.append(record)
-        with (self.directory / "faults.jsonl").open("a") as log:
-            log.write(json.dumps(asdict(record)) + "\n")
+        self._record(record)
         await anyio.to_thread.run_sync(self.servers.after_fault)
 
     # -- what Redis recorded -----------------------------------------------------------------
