@@ -52,12 +52,15 @@ def render(plan: SoakPlan, collected: Collected, report: Report) -> str:
         injected = stats.injected if stats else 0
         recoveries = stats.recoveries_ms if stats else []
         rows.append(f"| {kind} | {injected} | {max_s(recoveries)} | {median_s(recoveries)} |")
-    if plan.topology != "single":
-        changes = report.faults.get("master_change")
-        rows.append(f"| master_change (observed; scheduled failovers included) | "
-                    f"{changes.injected if changes else 0} | "
-                    f"{max_s(changes.recoveries_ms) if changes else '-'} | "
-                    f"{median_s(changes.recoveries_ms) if changes else '-'} |")
+    observed = {"server_stall": "server_stall (observed: no PING answer within 0.5 s)",
+                "master_change": "master_change (observed; scheduled failovers included)"}
+    for kind, title in observed.items():
+        if kind == "master_change" and plan.topology == "single":
+            continue
+        stats = report.faults.get(kind)
+        recoveries = stats.recoveries_ms if stats else []
+        rows.append(f"| {title} | {stats.injected if stats else 0} | {max_s(recoveries)} | "
+                    f"{median_s(recoveries)} |")
     for kind, reason in plan.skipped.items():
         rows.append(f"| {kind} | skipped: {reason} | | |")
     skews = sorted({w.skew for w in plan.workers if w.skew})

@@ -33,6 +33,7 @@ from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, ser
 
 TOPOLOGIES: Final = ("single", "sentinel", "cluster")
 HEALTHY_LIMIT_S: Final = 60.0
+PROBE_LIMIT_S: Final = 2.0
 SERVER_FAULTS: Final = {
     "single": ("server_kill", "server_freeze"),
     "sentinel": ("master_failover", "replica_kill", "master_freeze"),
@@ -171,13 +172,22 @@ class Servers:
             "master_freeze": self._freeze_master}
         return {kind: every[kind] for kind in SERVER_FAULTS[self.kind]}
 
-    def master_ports(self, keys: list[str]) -> tuple[int, ...] | None:
-        """Who is master now (the master of each key on a cluster); None on one server."""
+    def masters(self, keys: list[str]) -> list[ServerProcess]:
+        """Who is master now (the master of each key on a cluster)."""
         if self.sentinel is not None:
-            return (self.sentinel.master().port,)
+            return [self.sentinel.master()]
         if self.cluster is not None:
-            return tuple(self.cluster.master_of(key).port for key in keys)
-        return None
+            return [self.cluster.master_of(key) for key in keys]
+        assert self.single is not None
+        return [self.single]
+
+    def probe(self, keys: list[str]) -> tuple[int, ...]:
+        """The masters' ports, once each has answered a PING (raises when one cannot)."""
+        found = self.masters(keys)
+        for node in {node.port: node for node in found}.values():
+            with node.client(timeout=PROBE_LIMIT_S) as client:
+                client.ping()
+        return tuple(node.port for node in found)
 
     def wait_healthy(self) -> None:
         if self.sentinel is not None:

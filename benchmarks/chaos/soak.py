@@ -40,6 +40,8 @@ from streambus.schema import decode_fields
 START_LIMIT_S: Final = 90.0
 DRAIN_LIMIT_S: Final = 240.0
 PAGE: Final = 1000
+PROBE_EVERY_S: Final = 0.25
+STALL_S: Final = 0.5
 MASTER_CHANGE_LEAD_S: Final = 3.0
 """An observed master change disrupts from this long before it is seen: Sentinel's and the
 cluster's 1 s failure detection, the vote and the promotion."""
@@ -157,25 +159,34 @@ class Soak:
             return await self._collect(own_bus, publishers.records, drained)
 
     async def _watch_masters(self) -> None:
-        """Record every change of master, scheduled or not: under load a Sentinel set or a
-        cluster also fails over on its own, and the checker must know when."""
+        """Record what the schedule did not cause: a master that stalls (its PING, or finding
+        it, takes over :data:`STALL_S`; on a loaded machine a server's ``fsync`` can) and a
+        master that changes (under load a Sentinel set or a cluster fails over on its own).
+        The checker counts both as faults, as it counts the scheduled ones."""
         keys = [SwarmKeys.for_swarm(self.namespace, s).channel(CHANNELS[0])
                 for s in self.plan.swarms]
+        everyone = tuple(self.plan.all_coordinators)
         last: tuple[int, ...] | None = None
+        stalled_since: float | None = None
         while True:
+            asked = time.time()
             try:
-                now = await anyio.to_thread.run_sync(self.servers.master_ports, keys)
-            except Exception:
+                now: tuple[int, ...] | None = await anyio.to_thread.run_sync(
+                    self.servers.probe, keys)
+            except Exception:  # down, frozen or failing over: what is watched for
                 now = None
-            if now is None and last is None and self.plan.topology == "single":
-                return
-            seen = time.time()
+            answered = time.time()
+            if now is None or answered - asked > STALL_S:
+                stalled_since = asked if stalled_since is None else stalled_since
+            elif stalled_since is not None:  # one record per stall, once it is over
+                self._record(FaultRecord("server_stall", "masters", everyone, stalled_since,
+                                         answered, f"{answered - stalled_since:.2f} s"))
+                stalled_since = None
             if now is not None and last is not None and now != last:
-                self._record(FaultRecord("master_change", f"{last} -> {now}",
-                                         tuple(self.plan.all_coordinators),
-                                         seen - MASTER_CHANGE_LEAD_S, seen, "observed"))
+                self._record(FaultRecord("master_change", f"{last} -> {now}", everyone,
+                                         answered - MASTER_CHANGE_LEAD_S, answered, "observed"))
             last = now or last
-            await anyio.sleep(0.25)
+            await anyio.sleep(PROBE_EVERY_S)
 
     def _record(self, record: FaultRecord) -> None:
         self.faults.append(record)
