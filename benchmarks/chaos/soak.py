@@ -243,51 +243,60 @@ class Soak:
 
     async def _fault(self, event: FaultEvent, publishers: Publishers,
                      in_process: InProcess) -> None:
+        """Inject one fault and wait until it is over; then heal what it left down."""
         rng = random.Random(event.seed)
-        plan = self.plan
-        record = FaultRecord(event.kind, "", tuple(plan.all_coordinators), time.time())
+        record = FaultRecord(event.kind, "", tuple(self.plan.all_coordinators), time.time())
         if event.kind in ("coordinator_kill", "coordinator_freeze"):
-            workers = sorted(self.fleet.specs)
-            name = workers[event.pick % len(workers)]
-            record.target = name
-            record.affected = tuple(c.coordinator for c in self.fleet.specs[name].coordinators)
-            pause = rng.uniform(0.0, 0.4) if event.kind == "coordinator_kill" else \
-                rng.uniform(0.3, 3.0)
-            record.started = time.time()
-            (self.fleet.kill if event.kind == "coordinator_kill" else self.fleet.freeze)(name)
-            await anyio.sleep(pause)
-            (self.fleet.start if event.kind == "coordinator_kill" else self.fleet.thaw)(name)
-            record.detail = f"{'down' if event.kind == 'coordinator_kill' else 'frozen'} " \
-                            f"{pause:.2f} s"
+            await self._coordinator_fault(record, event.pick, rng)
         elif event.kind == "wait_cancel":
             record.detail = await in_process.cancel_one(rng, event.pick, publishers.hub)
             record.target = record.detail.split()[0]
             record.affected = (record.target,)
             record.started = time.time()
         elif event.kind == LINK_FAULT:
-            assert self.link is not None
-            cut = rng.uniform(0.5, 4.0)
-            record.target = "netns workers"
-            record.affected = tuple(c.coordinator for w in plan.workers if w.in_netns
-                                    for c in w.coordinators)
-            record.started = time.time()
-            self.link.set_link(up=False)
-            await anyio.sleep(cut)
-            self.link.set_link(up=True)
-            record.detail = f"cut {cut:.2f} s"
+            await self._link_fault(record, rng)
         else:
-            swarm = plan.swarms[event.pick % len(plan.swarms)]
-            key = SwarmKeys.for_swarm(self.namespace, swarm).channel(CHANNELS[0])
-            record.target = swarm if plan.topology == "cluster" else "server"
-            # Land just after a publish returns, while coordinators receive and acknowledge.
-            await publishers.hub.next_publish(timeout=1.0)
-            await anyio.sleep(rng.uniform(0.0, 0.008))
-            record.started = time.time()
-            fault = self.servers.faults()[event.kind]
-            record.detail = await anyio.to_thread.run_sync(fault, rng, key)
+            await self._server_fault(record, event.pick, rng, publishers)
         record.ended = time.time()
         self._record(record)
         await anyio.to_thread.run_sync(self.servers.after_fault)
+
+    async def _coordinator_fault(self, record: FaultRecord, pick: int,
+                                 rng: random.Random) -> None:
+        kill = record.kind == "coordinator_kill"
+        name = sorted(self.fleet.specs)[pick % len(self.fleet.specs)]
+        record.target = name
+        record.affected = tuple(c.coordinator for c in self.fleet.specs[name].coordinators)
+        pause = rng.uniform(0.0, 0.4) if kill else rng.uniform(0.3, 3.0)
+        record.started = time.time()
+        (self.fleet.kill if kill else self.fleet.freeze)(name)
+        await anyio.sleep(pause)
+        (self.fleet.start if kill else self.fleet.thaw)(name)
+        record.detail = f"{'down' if kill else 'frozen'} {pause:.2f} s"
+
+    async def _link_fault(self, record: FaultRecord, rng: random.Random) -> None:
+        assert self.link is not None
+        cut = rng.uniform(0.5, 4.0)
+        record.target = "netns workers"
+        record.affected = tuple(c.coordinator for w in self.plan.workers if w.in_netns
+                                for c in w.coordinators)
+        record.started = time.time()
+        self.link.set_link(up=False)
+        await anyio.sleep(cut)
+        self.link.set_link(up=True)
+        record.detail = f"cut {cut:.2f} s"
+
+    async def _server_fault(self, record: FaultRecord, pick: int, rng: random.Random,
+                            publishers: Publishers) -> None:
+        swarm = self.plan.swarms[pick % len(self.plan.swarms)]
+        key = SwarmKeys.for_swarm(self.namespace, swarm).channel(CHANNELS[0])
+        record.target = swarm if self.plan.topology == "cluster" else "server"
+        # Land just after a publish returns, while coordinators receive and acknowledge.
+        await publishers.hub.next_publish(timeout=1.0)
+        await anyio.sleep(rng.uniform(0.0, 0.008))
+        record.started = time.time()
+        fault = self.servers.faults()[record.kind]
+        record.detail = await anyio.to_thread.run_sync(fault, rng, key)
 
     # -- what Redis recorded -----------------------------------------------------------------
 
