@@ -305,7 +305,7 @@ class Checker:
         for publish in self.col.publishes:
             for coordinator in publish.acked_by:
                 if (publish.signal_id, coordinator) not in self.col.ack_ids and \
-                        not self._failover_near(publish.returned):
+                        not self._failover_near(publish.sent, publish.returned):
                     self.report.flag(Violation(
                         "ack-without-receipt", coordinator, publish.signal_id,
                         "the publish reported an ACK the ACK stream does not hold"))
