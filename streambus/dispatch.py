@@ -55,6 +55,9 @@ class Dispatcher:
         self._store = store
         self.keys = keys
         self._reader: Reader = store.blocking_reader(block_ms=block_ms, route=keys.prefix)
+        self._block_s = block_ms / 1000
+        self._blocking = False
+        """The current cycle is a blocking read (for counting how long the server is silent)."""
         self._by_stream: dict[str, set[Waiter]] = {}
         self._cursors: dict[str, str] = {}
         self._unprobed: set[str] = set()
@@ -137,6 +140,7 @@ class Dispatcher:
         async def cycle() -> None:
             nonlocal cycle_started
             cycle_started = anyio.current_time()
+            self._blocking = False
             try:
                 await self._cycle()
             except BusUnavailable:
@@ -156,7 +160,12 @@ class Dispatcher:
             # server) surfaces at once, a frozen server or a cut link only at the socket
             # timeout; the reconnect budget must count both the same way.
             nonlocal failing_since
-            failing_since = failing_since if failing_since is not None else cycle_started
+            if failing_since is None:
+                # A blocking read owes no answer before its BLOCK time: silence counts from
+                # then (or from the failure, if sooner: a refused connection).
+                now = anyio.current_time()
+                failing_since = (min(now, cycle_started + self._block_s) if self._blocking
+                                 else cycle_started)
             self._after_disconnect(exc, anyio.current_time() - failing_since)
 
         def recovered() -> None:
@@ -191,7 +200,7 @@ class Dispatcher:
         if (solo := self._solo()) is not None:
             await self._serve_solo(solo)
             return
-        self._blocked = True
+        self._blocked = self._blocking = True
         try:
             grown = await self._reader.read(self._cursors_of_watched())
         finally:
@@ -219,7 +228,7 @@ class Dispatcher:
         waiters join later the stream is probed afresh.
         """
         self._cursors.pop(waiter.stream, None)
-        self._blocked = True
+        self._blocked = self._blocking = True
         try:
             entries = await self._reader.read_group(waiter.stream, waiter.coordinator,
                                                     waiter.coordinator, pending=False, count=1)
