@@ -162,8 +162,8 @@ class Coordinator:
         # The token names this wait on the bus: a retried begin_wait is the same wait, and a
         # wait whose begin_wait reply was lost can still be ended by it.
         token = secrets.token_hex(8)
-        unhanded = (self.keys.prefix, self.id, channel)
-        claim = self._runtime.unclaimed.get(unhanded, "") if iteration == 0 else ""
+        unhanded = (self.keys.prefix, self.id)
+        claim = self._runtime.unclaimed.get(unhanded, "")
         try:
             start = await self._runtime.retrying(lambda: self._store.begin_wait(
                 self.keys, self.id, channel, max(1, round(timeout * 1000)), iteration, peers,
@@ -363,7 +363,7 @@ class Coordinator:
                             extra=self._facts(channel, iteration, "record_failed",
                                               outcome=outcome))
         if not recorded and token:
-            self._runtime.unclaimed[(self.keys.prefix, self.id, channel)] = token
+            self._runtime.unclaimed[(self.keys.prefix, self.id)] = token
 
 
 def _outcome_of(error: BaseException) -> Outcome:

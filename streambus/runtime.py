@@ -116,9 +116,10 @@ class Runtime:
     beats: BeatBatcher
     retry_budget_s: float
     """How long an idempotent operation (publish, begin a wait) retries a lost connection."""
-    unclaimed: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    """By (swarm prefix, coordinator, channel): the token of a wait whose end could not be
-    recorded, so it may hold a signal never handed over. The next wait asks for it."""
+    unclaimed: dict[tuple[str, str], str] = field(default_factory=dict)
+    """By (swarm prefix, coordinator): the token of a wait whose end could not be recorded, so
+    it may hold a signal never handed over. The coordinator's next wait asks for it (on that
+    channel) or parks it for that channel (on another)."""
 
     def keys(self, swarm: str) -> SwarmKeys:
         return SwarmKeys.for_swarm(self.namespace, swarm)

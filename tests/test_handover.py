@@ -291,3 +291,76 @@ async def test_a_begin_wait_that_runs_after_its_cancellation_starts_nothing(
     assert [row.state for row in await bus.status("late")] in ([], ["cancelled"])
     delivered = await bus.wait_for("late", "c", "ch", timeout=5)  # nothing was taken
     assert delivered.iteration == 1
+
+
+async def test_a_signal_not_handed_over_waits_for_the_next_wait_on_its_channel(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not handed over on ``a``; the coordinator then waits on ``b`` (the chaos soak's
+    workers switch channels). The signal is parked for ``a``, and the next wait there
+    returns it, once."""
+    landed = anyio.Event()
+
+    async def hook(event: object) -> None:
+        landed.set()
+        await anyio.sleep_forever()
+
+    hooks = Hooks()
+    hooks.add("on_signal_received", hook, timeout=30)
+    published = await bus.publish("park", "a", "x")
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            async def cancel_when_landed() -> None:
+                await landed.wait()
+                scope.cancel()
+
+            tg.start_soon(cancel_when_landed)
+            await bus.coordinator("park", "c", hooks=hooks).wait_for("a", timeout=30)
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("park", "c", "b", timeout=0.2)
+    again = await bus.wait_for("park", "c", "a", timeout=5)
+    assert (again.signal.signal_id, again.iteration) == (published.signal_id, 1)
+    with pytest.raises(WaitTimeout):
+        await bus.wait_for("park", "c", "a", timeout=0.3)
+
+
+async def test_a_receipt_applied_after_a_later_wait_began_is_parked_for_its_channel(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("streambus.dispatch._SETTLE_LIMIT_S", 0.2)
+    sent, release = anyio.Event(), anyio.Event()
+
+    async def late(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        sent.set()
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+            return await real(*args, **kwargs)
+
+    wrap(monkeypatch, bus, "receive_many", late)
+    published = await bus.publish("late-park", "a", "x")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancelled_wait_on, bus, "late-park", "a", sent)
+        await sent.wait()
+        await until_states(bus, "late-park", {"c": "cancelled"})
+        async def wait_on_b() -> None:
+            with pytest.raises(WaitTimeout):
+                await bus.wait_for("late-park", "c", "b", timeout=0.5)
+
+        tg.start_soon(wait_on_b)
+        await until_states(bus, "late-park", {"c": "waiting"})
+        release.set()
+    monkeypatch.undo()
+    again = await bus.wait_for("late-park", "c", "a", timeout=5)
+    assert (again.signal.signal_id, again.iteration) == (published.signal_id, 1)
+
+
+async def cancelled_wait_on(bus: Bus, swarm: str, channel: str, landed: anyio.Event) -> None:
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            async def cancel_when_landed() -> None:
+                await landed.wait()
+                scope.cancel()
+
+            tg.start_soon(cancel_when_landed)
+            await bus.wait_for(swarm, "c", channel, timeout=30)

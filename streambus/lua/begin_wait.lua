@@ -44,6 +44,22 @@ if st[1] == 'signaled' and st[2] == ARGV[2] and st[6] then
     return {now, tonumber(st[3]), iteration, 2, st[6], tonumber(st[5]) or now}
   end
 end
+-- A signal parked for this channel: received by an earlier iteration and never handed over,
+-- while the coordinator went on to wait on another channel. Held the same way, by token.
+local parked_field = 'parked:' .. ARGV[2]
+if wanted == 0 then
+  local parked = redis.call('HGET', KEYS[1], parked_field)
+  if parked then
+    local it, sid, started, holder = string.match(parked, '^(%d+) (%S+) (%d+) (%S+)$')
+    if holder == '1' or holder == token then
+      if token ~= '' then
+        redis.call('HSET', KEYS[1], parked_field, it .. ' ' .. sid .. ' ' .. started .. ' ' .. token)
+      end
+      return {now, now, tonumber(it), 2, sid, tonumber(started)}
+    end
+    redis.call('HDEL', KEYS[1], parked_field)  -- handed over by the wait that held it
+  end
+end
 -- A coordinator that restarts and waits again on the same channel keeps its deadline.
 local resumed = st[1] == 'waiting' and st[2] == ARGV[2] and st[3] ~= false
 local deadline, iteration, started
@@ -60,6 +76,13 @@ else
   started = now
 end
 
+-- A new iteration replaces the state: a signal the last one received and never handed over is
+-- parked for its channel first, so the next wait there still returns it.
+if not resumed and st[1] == 'signaled' and st[6]
+    and (st[7] == '1' or (claim ~= '' and st[8] == claim and not st[7])) then
+  redis.call('HSET', KEYS[1], 'parked:' .. st[2],
+    st[4] .. ' ' .. st[6] .. ' ' .. (st[5] or '0') .. ' 1')
+end
 redis.call('HSET', KEYS[1],
   'coordinator', ARGV[1], 'state', 'waiting', 'channel', ARGV[2],
   'started_ms', string.format('%d', started), 'deadline_ms', string.format('%d', deadline),

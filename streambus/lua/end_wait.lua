@@ -24,6 +24,16 @@ if iteration == 0 then
   event = cjson.encode(decoded)
 end
 if st[2] ~= ARGV[1] or tonumber(st[3]) ~= iteration then
+  -- A parked signal this wait was handing over (see begin_wait): give it back.
+  local parked_field = 'parked:' .. ARGV[1]
+  local parked = redis.call('HGET', KEYS[1], parked_field)
+  if parked and token ~= '' then
+    local it, sid, started, holder = string.match(parked, '^(%d+) (%S+) (%d+) (%S+)$')
+    if holder == token and tonumber(it) == iteration then
+      redis.call('HSET', KEYS[1], parked_field, it .. ' ' .. sid .. ' ' .. started .. ' 1')
+      return 2
+    end
+  end
   return 0
 end
 if st[1] == 'signaled' then

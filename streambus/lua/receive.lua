@@ -53,7 +53,13 @@ for g = 1, groups do
     end
     -- Only the wait that took the signal is closed by it: a receipt confirmed late (its first
     -- reply was lost) must not overwrite a newer wait of the same coordinator.
-    local was = redis.call('HMGET', state, 'iteration', 'state')
+    local was = redis.call('HMGET', state, 'iteration', 'state', 'channel')
+    if was[1] ~= iteration and not known[j] and tonumber(was[1] or '0') > tonumber(iteration) then
+      -- Applied only after the coordinator began a later wait (the reply was given up on):
+      -- nobody handed this signal over; park it for its channel (see begin_wait).
+      redis.call('HSET', state, 'parked:' .. channel,
+        iteration .. ' ' .. entry_id .. ' ' .. string.format('%d', started) .. ' 1')
+    end
     if was[1] == iteration then
       -- A receipt applied after its wait ended (its reply was given up on): nobody handed the
       -- signal over, so the coordinator's next wait returns it.
