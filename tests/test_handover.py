@@ -15,6 +15,7 @@ interface); every effect is on the real server.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ def wrap(monkeypatch: pytest.MonkeyPatch, bus: Bus, name: str,
     monkeypatch.setattr(bus._store, name, wrapped)
 
 
-async def cancelled_wait(bus: Bus, swarm: str, landed: anyio.Event, **kwargs: Any) -> None:
+async def cancelled_wait(bus: Bus, swarm: str, landed: anyio.Event, *, channel: str = "ch",
+                         hooks: Hooks | None = None) -> None:
     """Run a wait and cancel it once ``landed`` is set; it must end cancelled, not return."""
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
@@ -51,8 +53,22 @@ async def cancelled_wait(bus: Bus, swarm: str, landed: anyio.Event, **kwargs: An
                 scope.cancel()
 
             tg.start_soon(cancel_when_landed)
-            await bus.coordinator(swarm, "c", **kwargs).wait_for("ch", timeout=30)
+            await bus.coordinator(swarm, "c", hooks=hooks).wait_for(channel, timeout=30)
             pytest.fail("the wait returned although it was cancelled")
+
+
+async def cancelled_in_its_hook(bus: Bus, swarm: str, channel: str = "ch") -> None:
+    """A wait cancelled in its ``on_signal_received`` hook: the receipt is recorded, the
+    signal not yet returned."""
+    landed = anyio.Event()
+
+    async def hook(event: object) -> None:
+        landed.set()
+        await anyio.sleep_forever()
+
+    hooks = Hooks()
+    hooks.add("on_signal_received", hook, timeout=30)
+    await cancelled_wait(bus, swarm, landed, channel=channel, hooks=hooks)
 
 
 async def next_waits_return_it_once(bus: Bus, swarm: str, signal_id: str, iteration: int
@@ -95,16 +111,8 @@ async def test_a_wait_cancelled_while_its_receipt_is_in_flight_returns_it_next_t
 async def test_a_wait_cancelled_after_its_receipt_landed_returns_it_next_time(bus: Bus) -> None:
     """Cancelled in its ``on_signal_received`` hook: the receipt is recorded, the signal not
     yet returned."""
-    landed = anyio.Event()
-
-    async def hook(event: object) -> None:
-        landed.set()
-        await anyio.sleep_forever()
-
-    hooks = Hooks()
-    hooks.add("on_signal_received", hook, timeout=30)
     published = await bus.publish("hook", "ch", "x")
-    await cancelled_wait(bus, "hook", landed, hooks=hooks)
+    await cancelled_in_its_hook(bus, "hook")
     await next_waits_return_it_once(bus, "hook", published.signal_id, 1)
 
 
@@ -113,21 +121,13 @@ async def test_a_signal_not_handed_over_while_the_bus_is_away_is_remembered(
 ) -> None:
     """The bus cannot be told that the signal was never handed over (end_wait fails): this
     process remembers it, and its next wait asks for it."""
-    landed = anyio.Event()
-
-    async def hook(event: object) -> None:
-        landed.set()
-        await anyio.sleep_forever()
-
     async def unreachable(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> Any:
         raise BusUnavailable("Redis unreachable (scripted)")
 
-    hooks = Hooks()
-    hooks.add("on_signal_received", hook, timeout=30)
     published = await bus.publish("away", "ch", "x")
     wrap(monkeypatch, bus, "end_wait", unreachable)
-    await cancelled_wait(bus, "away", landed, hooks=hooks)
+    await cancelled_in_its_hook(bus, "away")
     monkeypatch.undo()
     assert (await bus.status("away"))[0].state == "signaled"
     await next_waits_return_it_once(bus, "away", published.signal_id, 1)
@@ -159,16 +159,8 @@ async def test_a_returned_again_signal_cancelled_twice_is_still_returned(
 ) -> None:
     """Not handed over (cancelled in its hook); the next wait, which takes it over, is cancelled
     with its begin_wait reply lost; the one after still gets it."""
-    landed = anyio.Event()
-
-    async def hook(event: object) -> None:
-        landed.set()
-        await anyio.sleep_forever()
-
-    hooks = Hooks()
-    hooks.add("on_signal_received", hook, timeout=30)
     published = await bus.publish("twice", "ch", "x")
-    await cancelled_wait(bus, "twice", landed, hooks=hooks)
+    await cancelled_in_its_hook(bus, "twice")
     ran = anyio.Event()
 
     async def lost_reply(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
@@ -299,23 +291,8 @@ async def test_a_signal_not_handed_over_waits_for_the_next_wait_on_its_channel(
     """Not handed over on ``a``; the coordinator then waits on ``b`` (the chaos soak's
     workers switch channels). The signal is parked for ``a``, and the next wait there
     returns it, once."""
-    landed = anyio.Event()
-
-    async def hook(event: object) -> None:
-        landed.set()
-        await anyio.sleep_forever()
-
-    hooks = Hooks()
-    hooks.add("on_signal_received", hook, timeout=30)
     published = await bus.publish("park", "a", "x")
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            async def cancel_when_landed() -> None:
-                await landed.wait()
-                scope.cancel()
-
-            tg.start_soon(cancel_when_landed)
-            await bus.coordinator("park", "c", hooks=hooks).wait_for("a", timeout=30)
+    await cancelled_in_its_hook(bus, "park", "a")
     with pytest.raises(WaitTimeout):
         await bus.wait_for("park", "c", "b", timeout=0.2)
     again = await bus.wait_for("park", "c", "a", timeout=5)
@@ -340,7 +317,7 @@ async def test_a_receipt_applied_after_a_later_wait_began_is_parked_for_its_chan
     wrap(monkeypatch, bus, "receive_many", late)
     published = await bus.publish("late-park", "a", "x")
     async with anyio.create_task_group() as tg:
-        tg.start_soon(cancelled_wait_on, bus, "late-park", "a", sent)
+        tg.start_soon(functools.partial(cancelled_wait, bus, "late-park", sent, channel="a"))
         await sent.wait()
         await until_states(bus, "late-park", {"c": "cancelled"})
         async def wait_on_b() -> None:
@@ -353,14 +330,3 @@ async def test_a_receipt_applied_after_a_later_wait_began_is_parked_for_its_chan
     monkeypatch.undo()
     again = await bus.wait_for("late-park", "c", "a", timeout=5)
     assert (again.signal.signal_id, again.iteration) == (published.signal_id, 1)
-
-
-async def cancelled_wait_on(bus: Bus, swarm: str, channel: str, landed: anyio.Event) -> None:
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            async def cancel_when_landed() -> None:
-                await landed.wait()
-                scope.cancel()
-
-            tg.start_soon(cancel_when_landed)
-            await bus.wait_for(swarm, "c", channel, timeout=30)
