@@ -170,11 +170,7 @@ async def test_a_returned_again_signal_cancelled_twice_is_still_returned(
         await anyio.sleep_forever()
 
     wrap(monkeypatch, bus, "begin_wait", lost_reply)
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: bus.wait_for("twice", "c", "ch", timeout=5))
-            await ran.wait()
-            scope.cancel()
+    await cancelled_wait(bus, "twice", ran)
     monkeypatch.undo()
     await next_waits_return_it_once(bus, "twice", published.signal_id, 1)
 
@@ -245,11 +241,7 @@ async def test_a_begin_wait_reply_lost_to_a_cancellation_leaves_no_open_wait(
         await anyio.sleep_forever()  # ...and its reply never comes
 
     wrap(monkeypatch, bus, "begin_wait", lost_reply)
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: bus.wait_for("lost", "c", "ch", timeout=600))
-            await ran.wait()
-            scope.cancel()
+    await cancelled_wait(bus, "lost", ran)
     [row] = await bus.status("lost")
     assert row.state == "cancelled"
 
@@ -271,11 +263,7 @@ async def test_a_begin_wait_that_runs_after_its_cancellation_starts_nothing(
     await bus.publish("late", "ch", "x")  # there for the taking, if the wait were open
     real = bus._store.begin_wait
     wrap(monkeypatch, bus, "begin_wait", delayed)
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: bus.wait_for("late", "c", "ch", timeout=600))
-            await held.wait()
-            scope.cancel()
+    await cancelled_wait(bus, "late", held)
     monkeypatch.undo()
     [(args, kwargs)] = sent
     start = await real(*args, **kwargs)  # the server runs it now, late
