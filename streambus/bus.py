@@ -21,7 +21,14 @@ import msgspec
 from streambus.backoff import Backoff
 from streambus.config import DEFAULT_RECONNECT_BUDGET_S, DEFAULT_WAIT_TIMEOUT_S, Settings
 from streambus.coordinator import Coordinator, Delivery
-from streambus.errors import AckTimeout, BusUnavailable, InvalidInput, PayloadTooLarge
+from streambus.errors import (
+    AckTimeout,
+    BusUnavailable,
+    InvalidInput,
+    MalformedEvent,
+    PayloadTooLarge,
+    UnknownEvent,
+)
 from streambus.hooks import Hooks
 from streambus.keys import validate_id
 from streambus.lease import Lease
@@ -36,9 +43,11 @@ from streambus.retries import (
 )
 from streambus.runtime import Dispatchers, Runtime
 from streambus.schema import (
+    Ack,
     Event,
     RetryRequest,
     Signal,
+    decode_fields,
     encode,
 )
 from streambus.signing import Keyring
@@ -146,6 +155,7 @@ class Bus(Views):
         ack_timeout: float = 30.0,
         trace: dict[str, str] | None = None,
         durability: Durability = "none",
+        require_signed: bool = False,
     ) -> Published:
         """Publish a signal on ``channel`` once per ``signal_id``; optionally wait for ACKs.
 
@@ -163,8 +173,12 @@ class Bus(Views):
 
         ``trace``: the W3C trace-context carrier the signal carries (for the trace projector);
         by default the current OpenTelemetry span's, if any. ``{}`` sends none.
+
+        ``require_signed``: count only ACKs signed with the bus's keyring (``signing``); see
+        :meth:`wait_for_acks`.
         """
         keys = self.keys(swarm)
+        self._check_can_verify(require_signed)
         signal_id = validate_id(signal_id or uuid.uuid4().hex, "signal id")
         awaited = [validate_id(c, "coordinator id") for c in await_acks]
         keys.channel(channel)
@@ -187,7 +201,8 @@ class Bus(Views):
         acked: tuple[str, ...] = ()
         if awaited:
             try:
-                acked = await self.wait_for_acks(swarm, signal_id, awaited, timeout=ack_timeout)
+                acked = await self.wait_for_acks(swarm, signal_id, awaited, timeout=ack_timeout,
+                                                 require_signed=require_signed)
             except AckTimeout as exc:
                 exc.published = Published(signal_id, stream_id, duplicate,
                                           acked_by=exc.acked_by, missing_acks=exc.missing)
@@ -229,17 +244,25 @@ class Bus(Views):
                                    backlog_limit=backlog_limit, wait=wait)
 
     async def wait_for_acks(
-        self, swarm: str, signal_id: str, coordinators: Iterable[str], *, timeout: float
+        self, swarm: str, signal_id: str, coordinators: Iterable[str], *, timeout: float,
+        require_signed: bool = False,
     ) -> tuple[str, ...]:
         """Wait until every named coordinator acknowledged ``signal_id``; return them in order.
 
         Raises :class:`AckTimeout` (listing who did and did not) when ``timeout`` passes first.
+
+        ``require_signed``: an ACK counts only if it is signed with a key of the bus's keyring
+        by the coordinator awaited, for this signal. Any other (unsigned, forged, altered) is
+        moved to the dead-letter stream with its reason, counted, and named in the
+        :class:`AckTimeout`; its coordinator stays awaited.
         """
         keys = self.keys(swarm)
+        self._check_can_verify(require_signed)
         wanted = list(dict.fromkeys(validate_id(c, "coordinator id") for c in coordinators))
         reader = self._store.blocking_reader(block_ms=min(self.block_ms, 1000),
                                               route=keys.acks)
         acked: dict[str, str] = {}
+        rejected: dict[str, tuple[str, str]] = {}  # coordinator -> (ack id, why)
         try:
             with anyio.move_on_after(timeout):
                 backoff = Backoff()
@@ -247,6 +270,8 @@ class Bus(Views):
                     try:
                         missing = [c for c in wanted if c not in acked]
                         last_id, new = await self._store.acks_snapshot(keys, signal_id, missing)
+                        if require_signed and new:
+                            new = await self._verified_acks(swarm, signal_id, new, rejected)
                         acked.update(new)
                         if len(new) == len(missing):
                             return tuple(wanted)
@@ -259,7 +284,39 @@ class Bus(Views):
             with anyio.CancelScope(shield=True):
                 await reader.aclose()
         have = [c for c in wanted if c in acked]
-        raise AckTimeout(signal_id, have, [c for c in wanted if c not in acked])
+        raise AckTimeout(signal_id, have, [c for c in wanted if c not in acked],
+                         rejected={c: why for c, (_, why) in rejected.items() if c not in acked})
+
+    def _check_can_verify(self, require_signed: bool) -> None:
+        if require_signed and self.signing is None:
+            raise InvalidInput("requiring signed ACKs needs a signing key (set "
+                               "STREAMBUS_SIGNING_KEY or STREAMBUS_SIGNING_KEY_FILE)")
+
+    async def _verified_acks(self, swarm: str, signal_id: str, recorded: dict[str, str],
+                             rejected: dict[str, tuple[str, str]]) -> dict[str, str]:
+        """The ACKs of ``recorded`` (coordinator -> ack id) that verify. Each one that does not
+        is dead-lettered once (``rejected`` remembers it) and left out."""
+        assert self.signing is not None
+        keys = self.keys(swarm)
+        entries = await self._store.ack_entries(keys, list(recorded.values()))
+        verified: dict[str, str] = {}
+        for (coordinator, ack_id), entry in zip(recorded.items(), entries, strict=True):
+            try:
+                ack = decode_fields(entry[1])
+                why = (self.signing.verify_ack(ack, swarm, signal_id, coordinator)
+                       if isinstance(ack, Ack) else f"entry {ack_id} is not an ACK")
+            except (MalformedEvent, UnknownEvent) as exc:
+                why = f"ACK {ack_id} recorded for {coordinator!r} is unreadable: {exc}"
+            if why is None:
+                verified[coordinator] = ack_id
+                continue
+            if rejected.get(coordinator, ("", ""))[0] != ack_id:
+                rejected[coordinator] = (ack_id, why)
+                log.warning("rejected ACK of signal %s: %s", signal_id, why, extra={
+                    "event": "ack_rejected", "swarm": swarm, "signal_id": signal_id,
+                    "coordinator": coordinator, "ack_id": ack_id, "reason": why})
+                await self._store.dead_letter(keys, keys.acks, "", entry, why, ack=False)
+        return verified
 
     # -- waiting -------------------------------------------------------------------------------
 

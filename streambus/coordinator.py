@@ -90,7 +90,8 @@ class Coordinator:
                  signing: Keyring | None = None) -> None:
         self._runtime = runtime
         self.signing = signing
-        """The keys a ``require_signed`` wait verifies signals with."""
+        """The keys a ``require_signed`` wait verifies signals with, and its ACKs are signed
+        with."""
         self._store = runtime.store
         self.keys = runtime.keys(swarm)
         self.swarm = swarm
@@ -199,7 +200,7 @@ class Coordinator:
                 raise
         waiter = Waiter(self.keys, self.id, channel, stream, start.iteration,
                         reconnect_budget_s=reconnect_budget, started_ms=start.started_ms,
-                        token=token)
+                        token=token, signing=self.signing)
         if require_signed and (keyring := self.signing) is not None:
             waiter.verify = lambda signal: keyring.verify_signal(signal, self.swarm, channel)
         self._waiter = waiter

@@ -6,7 +6,7 @@ else; code above the store never sees a ``redis.exceptions`` class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -84,14 +84,20 @@ class WaitTimeout(StreambusError, TimeoutError):
 class AckTimeout(StreambusError, TimeoutError):
     """Not every awaited coordinator acknowledged a signal in time."""
 
-    def __init__(self, signal_id: str, acked_by: Sequence[str], missing: Sequence[str]) -> None:
+    def __init__(self, signal_id: str, acked_by: Sequence[str], missing: Sequence[str], *,
+                 rejected: Mapping[str, str] | None = None) -> None:
+        rejected = dict(rejected or {})
         super().__init__(
             f"signal {signal_id!r}: no ACK from {', '.join(missing)} "
             f"(acknowledged by {', '.join(acked_by) or 'nobody'})"
+            + "".join(f"; rejected: {why}" for why in rejected.values())
         )
         self.signal_id = signal_id
         self.acked_by = tuple(acked_by)
         self.missing = tuple(missing)
+        self.rejected = rejected
+        """Why the ACK recorded for each coordinator named here did not verify (a
+        ``require_signed`` wait); those coordinators are among ``missing``."""
         self.published: Any = None
         """The publish's result (``streambus.Published``), when a publish was waiting."""
 

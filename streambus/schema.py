@@ -101,6 +101,10 @@ class Ack(Event, tag="ack", frozen=True, kw_only=True):
     channel: str
     stream_id: str
     iteration: int
+    key_id: str = ""
+    """The signing key's id, when the coordinator signed (``streambus.signing``)."""
+    sig: str = ""
+    """HMAC-SHA256 over (swarm, channel, signal id, coordinator, stream id, iteration)."""
 
 
 class Heartbeat(Event, tag="heartbeat", frozen=True, kw_only=True):

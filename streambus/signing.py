@@ -12,6 +12,11 @@ payload in a canonical JSON form (keys sorted), carried in the event's ``key_id`
 fields. A verifying waiter checks it against the swarm and channel *it reads*, not the ones the
 event claims, so a signed signal copied to another channel or swarm does not verify.
 
+An ACK is signed the same way by a coordinator that holds the key: an HMAC over (swarm,
+channel, signal id, coordinator, the signal's stream id, iteration), under its own domain tag so
+that no signal signature is ever a valid ACK signature. A sender that requires signed ACKs
+checks each against the signal and the coordinator *it awaits*.
+
 Keys come from ``STREAMBUS_SIGNING_KEY`` (``ID:SECRET``) or the file ``STREAMBUS_SIGNING_KEY_FILE``
 names (one ``ID:SECRET`` per line, the signing key first).
 """
@@ -29,7 +34,7 @@ import msgspec
 
 from streambus.errors import InvalidInput
 from streambus.keys import validate_id
-from streambus.schema import Signal
+from streambus.schema import Ack, Signal
 
 ENV_KEY: Final = "STREAMBUS_SIGNING_KEY"
 ENV_KEY_FILE: Final = "STREAMBUS_SIGNING_KEY_FILE"
@@ -100,7 +105,8 @@ class Keyring:
                     payload: Any) -> tuple[str, str]:
         """``(key_id, signature)`` for a signal, with the signing key."""
         key = self.keys[0]
-        return key.key_id, _mac(key.for_swarm(swarm), swarm, channel, signal_id, sender, payload)
+        return key.key_id, _mac(_SIGNAL, key.for_swarm(swarm), swarm, channel, signal_id, sender,
+                                payload)
 
     def verify_signal(self, signal: Signal, swarm: str, channel: str) -> str | None:
         """``None`` if ``signal``, read from ``channel`` of ``swarm``, carries a valid
@@ -111,8 +117,8 @@ class Keyring:
         if key is None:
             return f"signal {signal.signal_id!r} signed with unknown key {signal.key_id!r}"
         try:
-            want = _mac(key.for_swarm(swarm), swarm, channel, signal.signal_id, signal.sender,
-                        signal.payload)
+            want = _mac(_SIGNAL, key.for_swarm(swarm), swarm, channel, signal.signal_id,
+                        signal.sender, signal.payload)
         except (TypeError, ValueError, msgspec.EncodeError):  # pragma: no cover - decoded JSON
             return f"signal {signal.signal_id!r} has a payload that cannot be canonicalised"
         if not hmac.compare_digest(want, signal.sig):
@@ -121,6 +127,36 @@ class Keyring:
         return None
 
 
-def _mac(key: bytes, *parts: Any) -> str:
-    message = _CANONICAL.encode(["streambus-signal/1", *parts])
+    def sign_ack(self, swarm: str, channel: str, signal_id: str, coordinator: str,
+                 stream_id: str, iteration: int) -> tuple[str, str]:
+        """``(key_id, signature)`` for ``coordinator``'s ACK of a signal, with the signing key."""
+        key = self.keys[0]
+        return key.key_id, _mac(_ACK, key.for_swarm(swarm), swarm, channel, signal_id,
+                                coordinator, stream_id, iteration)
+
+    def verify_ack(self, ack: Ack, swarm: str, signal_id: str, coordinator: str) -> str | None:
+        """``None`` if ``ack`` is ``coordinator``'s validly signed ACK of ``signal_id`` in
+        ``swarm``; else why not (the dead-letter reason)."""
+        if ack.coordinator != coordinator or ack.signal_id != signal_id:
+            return (f"ACK recorded for {coordinator!r} of signal {signal_id!r} is "
+                    f"{ack.coordinator!r}'s of {ack.signal_id!r}")
+        if not ack.sig:
+            return f"unsigned ACK from {coordinator!r} of signal {signal_id!r}"
+        key = next((k for k in self.keys if k.key_id == ack.key_id), None)
+        if key is None:
+            return f"ACK from {coordinator!r} signed with unknown key {ack.key_id!r}"
+        want = _mac(_ACK, key.for_swarm(swarm), swarm, ack.channel, signal_id, coordinator,
+                    ack.stream_id, ack.iteration)
+        if not hmac.compare_digest(want, ack.sig):
+            return (f"ACK from {coordinator!r} of signal {signal_id!r} has a bad signature "
+                    "(forged or altered)")
+        return None
+
+
+_SIGNAL: Final = "streambus-signal/1"
+_ACK: Final = "streambus-ack/1"
+
+
+def _mac(domain: str, key: bytes, *parts: Any) -> str:
+    message = _CANONICAL.encode([domain, *parts])
     return hmac.new(key, message, hashlib.sha256).hexdigest()

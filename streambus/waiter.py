@@ -14,6 +14,7 @@ import anyio
 
 from streambus.keys import SwarmKeys
 from streambus.schema import Signal
+from streambus.signing import Keyring
 from streambus.store import Receipt
 
 
@@ -74,6 +75,8 @@ class Waiter:
     """Set for a wait that takes only signed signals: why a signal fails, or ``None``."""
     rejected: list[str] = field(default_factory=list)
     """Why the signals this waiter refused failed (dead-lettered, they woke nobody)."""
+    signing: Keyring | None = None
+    """Set when the coordinator holds the swarm's key: it signs its ACKs."""
 
     def __repr__(self) -> str:
         return (f"<Waiter {self.coordinator!r} on {self.keys.swarm}/{self.channel} "
@@ -81,6 +84,8 @@ class Waiter:
 
     def receipt(self, signal: Signal, stream_id: str) -> Receipt:
         """What the ``receive`` script records when this waiter takes ``signal``."""
-        return Receipt(keys=self.keys, coordinator=self.coordinator, channel=self.channel,
-                       stream_id=stream_id, signal_id=signal.signal_id,
-                       iteration=self.iteration, started_ms=self.started_ms)
+        key_id, sig = ("", "") if self.signing is None else self.signing.sign_ack(
+            self.keys.swarm, self.channel, signal.signal_id, self.coordinator, stream_id,
+            self.iteration)
+        return Receipt(self.keys, self.coordinator, self.channel, stream_id, signal.signal_id,
+                       self.iteration, self.started_ms, key_id, sig)

@@ -42,6 +42,9 @@ class FakeStreams:
         self.down = False
         # Faults, each firing once.
         self.lose_next_receipt_reply = False
+        self.down_with_lost_reply = False
+        """With ``lose_next_receipt_reply``: the server goes down as the reply is lost (a
+        crash), so the receipt stays unconfirmed until the test brings it back."""
         self.drop_group: str | None = None
         """Delete this coordinator's group just before the next batch of group reads."""
         self.vanish_after_probe = False
@@ -200,6 +203,7 @@ class FakeStore:
             out.append(server.acks[key])
         if server.lose_next_receipt_reply:
             server.lose_next_receipt_reply = False
+            server.down = server.down_with_lost_reply
             raise BusUnavailable("fake: the receipt was applied, its reply lost")
         return out
 

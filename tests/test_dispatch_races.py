@@ -127,6 +127,7 @@ async def test_a_withdrawal_at_the_deadline_with_a_lost_receipt_confirms_it() ->
     an error that says the receipt could not be confirmed, never a silent timeout."""
     store = FakeStore()
     store.server.lose_next_receipt_reply = True
+    store.server.down_with_lost_reply = True
     dispatcher = Dispatcher(store, KEYS, block_ms=5000)
     waiter = await waiter_for(store, "c")
     store.server.publish(waiter.stream, signal(1))
@@ -135,7 +136,6 @@ async def test_a_withdrawal_at_the_deadline_with_a_lost_receipt_confirms_it() ->
         dispatcher.add(waiter)
         await until(lambda: waiter.unconfirmed is not None
                     and waiter.state is not WaiterState.DELIVERING)
-        store.server.down = True
         outcome = await dispatcher.finish(waiter, cancelled=False)
         tg.cancel_scope.cancel()
     assert isinstance(outcome, ConnectionError)

@@ -1,7 +1,8 @@
-"""Signed signals on real servers: a ``require_signed`` wait delivers only signals signed with a
-key of its keyring for its swarm and channel; unsigned, forged, altered, replayed-elsewhere and
-unknown-key signals go to the dead-letter stream with their reason, wake nobody, are counted,
-and a timeout names them."""
+"""Signed signals and ACKs on real servers: a ``require_signed`` wait delivers only signals signed
+with a key of its keyring for its swarm and channel; unsigned, forged, altered, replayed-elsewhere
+and unknown-key signals go to the dead-letter stream with their reason, wake nobody, are counted,
+and a timeout names them. A coordinator holding the key signs its ACKs, and a sender that
+requires signed ACKs counts no other (they are dead-lettered and named in its timeout)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import redis.asyncio as aioredis
 
 import streambus
 from streambus.bus import Bus
-from streambus.errors import InvalidInput, WaitTimeout
+from streambus.errors import AckTimeout, InvalidInput, WaitTimeout
+from streambus.schema import Ack, decode
 from streambus.signing import Keyring, SigningKey
 from tests.clitools import Cli, finish, one_json_object, one_line_message
 
@@ -131,6 +133,86 @@ def test_keys_are_checked() -> None:
     assert "secret" not in repr(Keyring((KEY,)))
 
 
+# -- signed ACKs ----------------------------------------------------------------------------------
+
+async def publish_awaiting(sender: Bus, waiter: Bus, coordinator: str, *, signal_id: str,
+                           ack_timeout: float = 5.0) -> streambus.Published:
+    """Publish ``signal_id`` on ``sw/go`` awaiting ``coordinator``'s signed ACK, while
+    ``coordinator`` waits on ``waiter``."""
+    outcome: streambus.Published | AckTimeout
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: waiter.wait_for("sw", coordinator, "go", timeout=10))
+        try:
+            outcome = await sender.publish("sw", "go", None, signal_id=signal_id,
+                                           await_acks=[coordinator], ack_timeout=ack_timeout,
+                                           require_signed=True)
+        except AckTimeout as exc:
+            outcome = exc
+        tg.cancel_scope.cancel()
+    if isinstance(outcome, AckTimeout):
+        raise outcome
+    return outcome
+
+
+async def test_a_coordinator_with_the_key_signs_its_ack(signer: Bus, raw: aioredis.Redis
+                                                        ) -> None:
+    published = await publish_awaiting(signer, signer, "c1", signal_id="a1")
+    assert published.acked_by == ("c1",)
+    [(_, fields)] = await raw.xrange(signer.keys("sw").acks)
+    ack = decode(fields[b"e"])
+    assert isinstance(ack, Ack)
+    assert ack.key_id == "k1"
+    assert Keyring((KEY,)).verify_ack(ack, "sw", "a1", "c1") is None
+    assert Keyring((KEY,)).verify_ack(ack, "sw", "a1", "c2") is not None  # not c2's
+    assert Keyring((KEY,)).verify_ack(ack, "other", "a1", "c1") is not None  # nor elsewhere
+
+
+async def test_an_unsigned_ack_does_not_count_and_is_dead_lettered(
+        signer: Bus, bus: Bus, raw: aioredis.Redis) -> None:
+    with pytest.raises(AckTimeout) as caught:
+        await publish_awaiting(signer, bus, "c1", signal_id="u1", ack_timeout=1.0)
+    assert caught.value.missing == ("c1",)
+    assert caught.value.rejected == {"c1": "unsigned ACK from 'c1' of signal 'u1'"}
+    assert "rejected: unsigned ACK from 'c1'" in str(caught.value)
+    assert await dead_letters(raw, signer, "sw") == ["unsigned ACK from 'c1' of signal 'u1'"]
+    assert (await signer.counters("sw"))["dead_letters"] == 1
+
+
+async def test_forged_and_misattributed_acks_do_not_count(signer: Bus, raw: aioredis.Redis
+                                                           ) -> None:
+    """A writer without the key records ACKs straight into Redis: one with a made-up
+    signature, one copied from another coordinator (validly signed, but for c1), one id that
+    names no entry. None counts; the genuine ACK of c1 does."""
+    keys = signer.keys("sw")
+    published = await publish_awaiting(signer, signer, "c1", signal_id="s1")
+    assert published.acked_by == ("c1",)
+    [(genuine_id, fields)] = await raw.xrange(keys.acks)
+    genuine = msgspec.json.decode(fields[b"e"])
+    forged_id = await raw.xadd(keys.acks, {b"e": msgspec.json.encode(
+        {**genuine, "coordinator": "c2", "sig": "0" * 64})})
+    await raw.hset(keys.acked("s1"), mapping={"c2": forged_id, "c3": genuine_id,
+                                               "c4": "1-1"})
+    with pytest.raises(AckTimeout) as caught:
+        await signer.wait_for_acks("sw", "s1", ["c1", "c2", "c3", "c4"], timeout=0.5,
+                                   require_signed=True)
+    assert caught.value.acked_by == ("c1",)
+    assert caught.value.rejected == {
+        "c2": "ACK from 'c2' of signal 's1' has a bad signature (forged or altered)",
+        "c3": "ACK recorded for 'c3' of signal 's1' is 'c1''s of 's1'",
+        "c4": "ACK 1-1 recorded for 'c4' is unreadable: entry has no body (deleted or trimmed "
+              "while pending)",
+    }
+    assert len(await dead_letters(raw, signer, "sw")) == 3  # each once, however many wakes
+
+
+async def test_requiring_signed_acks_without_a_key_publishes_nothing(bus: Bus,
+                                                                     raw: aioredis.Redis) -> None:
+    with pytest.raises(InvalidInput, match="needs a signing key"):
+        await bus.publish("sw", "go", None, signal_id="n1", await_acks=["c1"],
+                          require_signed=True)
+    assert await raw.xlen(bus.keys("sw").channel("go")) == 0
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 def test_cli_signal_signs_and_wait_verifies(cli: Cli, bus_args: list[str], tmp_path: Path
@@ -160,3 +242,28 @@ def test_cli_signal_signs_and_wait_verifies(cli: Cli, bus_args: list[str], tmp_p
     bad_key = cli.run("signal", "sw", "go", *bus_args, env={"STREAMBUS_SIGNING_KEY": "k1:short"})
     assert bad_key.returncode == 64
     assert "shorter than 16 bytes" in one_line_message(bad_key.stderr)
+
+
+def test_cli_signal_requires_signed_acks(cli: Cli, bus_args: list[str]) -> None:
+    signing = {"STREAMBUS_SIGNING_KEY": "k1:first-secret-0123456789"}
+    keyless_waiter = cli.start("wait", "sw", "c9", "go", "--timeout", "15s", *bus_args)
+    sent = cli.run("signal", "sw", "go", "--signal-id", "s9", "--await-ack", "c9",
+                   "--ack-timeout", "2s", "--require-signed", *bus_args, env=signing)
+    assert finish(keyless_waiter)[0] == 0  # it took the signal; its ACK is what fails
+    assert sent.returncode == 2
+    assert "rejected: unsigned ACK from 'c9' of signal 's9'" in one_line_message(sent.stderr)
+    assert one_json_object(sent.stdout)["rejected_acks"] == {
+        "c9": "unsigned ACK from 'c9' of signal 's9'"}
+
+    # (A new coordinator on "go" would take s9 first: a channel's signals wait for it.)
+    signed_waiter = cli.start("wait", "sw", "c8", "go2", "--timeout", "15s", *bus_args,
+                              env=signing)
+    sent = cli.run("signal", "sw", "go2", "--await-ack", "c8", "--require-signed",
+                   "--ack-timeout", "10s", *bus_args, env=signing)
+    assert sent.returncode == 0, sent.stderr
+    assert one_json_object(sent.stdout)["acked_by"] == ["c8"]
+    assert finish(signed_waiter)[0] == 0
+
+    alone = cli.run("signal", "sw", "go", "--require-signed", *bus_args, env=signing)
+    assert alone.returncode == 64
+    assert "--await-ack" in one_line_message(alone.stderr)

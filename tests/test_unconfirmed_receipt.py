@@ -35,6 +35,7 @@ OUTAGE_S = 0.3
 async def test_a_receipt_unconfirmed_at_the_deadline_is_confirmed_when_the_bus_is_back() -> None:
     store = FakeStore()
     store.server.lose_next_receipt_reply = True
+    store.server.down_with_lost_reply = True  # killed: the deadline passes while it is down
     dispatcher = Dispatcher(store, KEYS, block_ms=5000)
     stream = KEYS.channel("ch")
     await store.ensure_group(stream, "c")
@@ -51,7 +52,6 @@ async def test_a_receipt_unconfirmed_at_the_deadline_is_confirmed_when_the_bus_i
         await until(lambda: waiter.unconfirmed is not None
                     and waiter.state is not WaiterState.DELIVERING)
         assert (entry, "c") in store.server.acks  # applied: acknowledged on the server
-        store.server.down = True  # the server is killed; the deadline passes now
         tg.start_soon(server_back)
         with anyio.fail_after(10):
             outcome = await dispatcher.finish(waiter, cancelled=False)

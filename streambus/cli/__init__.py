@@ -105,6 +105,8 @@ def _validate(args: argparse.Namespace) -> None:
             validate_id(value, name.replace("_", " "))
     for coordinator in getattr(args, "await_ack", []):
         validate_id(coordinator, "coordinator id")
+    if args.command == "signal" and args.require_signed and not args.await_ack:
+        raise InvalidInput("--require-signed verifies ACKs: name whose with --await-ack")
     for peer in getattr(args, "watch", []):
         validate_id(peer, "peer id")
     for swarm in getattr(args, "swarms", []):
@@ -146,10 +148,11 @@ async def _signal(bus: Bus, args: argparse.Namespace) -> int:
         published = await bus.publish(
             args.swarm, args.channel, args.payload, sender=args.sender or "",
             signal_id=args.signal_id, await_acks=args.await_ack, ack_timeout=args.ack_timeout,
-            durability=args.durability,
+            durability=args.durability, require_signed=args.require_signed,
         )
     except AckTimeout as exc:
-        _print({**exc.published.as_dict(), "error": "ack_timeout"})
+        rejected = {"rejected_acks": exc.rejected} if exc.rejected else {}
+        _print({**exc.published.as_dict(), "error": "ack_timeout", **rejected})
         print(f"streambus: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
     _print(published.as_dict())

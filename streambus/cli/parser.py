@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--await-ack", action="append", default=[], metavar="COORDINATOR",
                    help="wait for this coordinator's ACK (repeatable)")
     p.add_argument("--ack-timeout", type=_duration, default=30.0)
+    p.add_argument("--require-signed", action="store_true",
+                   help="count only ACKs signed with the swarm's key (STREAMBUS_SIGNING_KEY or "
+                        "STREAMBUS_SIGNING_KEY_FILE); others are dead-lettered and named in the "
+                        "timeout error")
     p.add_argument(
         "--durability", choices=("none", "fsync", "replicated"), default="none",
         help="when to report the signal published: none (default) = in the server's memory "

@@ -8,7 +8,8 @@
 -- ARGV[1] entry field, ARGV[2] state ttl (s), ARGV[3] events maxlen, ARGV[4] acked ttl (s),
 --   ARGV[5] number of groups G, then per group g from ARGV[4g+2]: channel, signal id, entry id,
 --   receipts in the group; then per receipt, from ARGV[4G+6]: coordinator (= group), the
---   wait's iteration, when the wait started (ms)
+--   wait's iteration, when the wait started (ms), the Ack's signing key id and signature
+--   (both '' when unsigned; streambus.signing)
 -- The Ack and BlockingEnded(signaled) events are built here (same fields as their
 -- streambus.schema Structs). BlockingEnded carries the entry's stream id, so the receipt needs
 -- no SignalReceived event of its own (older writers appended one; readers still decode it).
@@ -25,7 +26,7 @@ for g = 1, groups do
   local channel, signal_id, entry_id = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   local n, recorded, members = tonumber(ARGV[b + 3]), {}, {}
   for j = 1, n do
-    members[j] = ARGV[a + 3 * (j - 1)]
+    members[j] = ARGV[a + 5 * (j - 1)]
   end
   -- Who already acknowledged, asked once for the whole group.
   local known = redis.call('HMGET', acked, unpack(members))
@@ -33,16 +34,20 @@ for g = 1, groups do
     k = k + 1
     local state, coordinator, iteration = KEYS[k], ARGV[a], ARGV[a + 1]
     local started = tonumber(ARGV[a + 2])
-    a = a + 3
+    local key_id, sig = ARGV[a + 3], ARGV[a + 4]
+    a = a + 5
     redis.call('XACK', stream, coordinator, entry_id)
     -- The same receipt twice in one call (a retried chunk joined by a new one) must find the
     -- first: the acked hash is written once per group, after the loop.
     local once = acked .. '\0' .. coordinator
     local ack_id = seen[once] or known[j]
     if not ack_id then
-      ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, cjson.encode({
-        type = 'ack', v = 1, coordinator = coordinator, signal_id = signal_id,
-        channel = channel, stream_id = entry_id, iteration = tonumber(iteration)}))
+      local ack = {type = 'ack', v = 1, coordinator = coordinator, signal_id = signal_id,
+        channel = channel, stream_id = entry_id, iteration = tonumber(iteration)}
+      if sig ~= '' then
+        ack.key_id, ack.sig = key_id, sig
+      end
+      ack_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', field, cjson.encode(ack))
       seen[once] = ack_id
       recorded[#recorded + 1] = coordinator
       recorded[#recorded + 1] = ack_id

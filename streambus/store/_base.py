@@ -95,6 +95,9 @@ class Receipt(NamedTuple):
     signal_id: str
     iteration: int
     started_ms: int
+    key_id: str = ""
+    """The key that signed the Ack (``streambus.signing``); ``""`` for an unsigned Ack."""
+    sig: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,23 @@ class SignalOps(_StoreBase):
             return last_id, {k.decode(): v.decode() for k, v in acked.items()}
         return last_id, {c: v.decode() for c, v in zip(coordinators, acked, strict=True) if v}
 
+    async def ack_entries(self, keys: SwarmKeys, ack_ids: Sequence[str]) -> list[Entry]:
+        """The entries of the acks stream with these ids, in order, in one round trip; an id
+        that names no entry (trimmed, or never written) comes back with no fields."""
+        async with self._on(keys.prefix) as redis, redis.pipeline(transaction=False) as pipe:
+            for ack_id in ack_ids:
+                pipe.xrange(keys.acks, ack_id, ack_id, count=1)
+            replies = await pipe.execute(raise_on_error=False)
+        entries: list[Entry] = []
+        for ack_id, reply in zip(ack_ids, replies, strict=True):
+            if isinstance(reply, BaseException):
+                if isinstance(reply, rex.ResponseError) and "Invalid stream ID" in str(reply):
+                    entries.append((ack_id, None))  # a forged id that is no stream id
+                    continue
+                raise translate(reply, self._user)
+            entries.extend(_decode_entries(reply) or [(ack_id, None)])
+        return entries
+
     async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes, *,
                       durability: Durability = "none", durability_timeout_ms: int = 1000,
                       ) -> tuple[str, bool]:
@@ -202,7 +219,8 @@ class SignalOps(_StoreBase):
                          *(a for g in groups for a in (g[0].channel, g[0].signal_id,
                                                        g[0].stream_id, len(g))),
                          *(a for g in groups for r in g
-                           for a in (r.coordinator, r.iteration, r.started_ms))],
+                           for a in (r.coordinator, r.iteration, r.started_ms, r.key_id,
+                                     r.sig))],
             }
 
         async with self._on(keys.prefix) as redis:
