@@ -306,7 +306,9 @@ class Bus(Views):
                 why = (self.signing.verify_ack(ack, swarm, signal_id, coordinator)
                        if isinstance(ack, Ack) else f"entry {ack_id} is not an ACK")
             except (MalformedEvent, UnknownEvent) as exc:
-                why = f"ACK {ack_id} recorded for {coordinator!r} is unreadable: {exc}"
+                why = (f"ACK {ack_id!r} recorded for {coordinator!r} names no ACK entry "
+                       "(trimmed, or never written)" if entry[1] is None else
+                       f"ACK {ack_id} recorded for {coordinator!r} is unreadable: {exc}")
             if why is None:
                 verified[coordinator] = ack_id
                 continue

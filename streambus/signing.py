@@ -121,7 +121,7 @@ class Keyring:
                         signal.sender, signal.payload)
         except (TypeError, ValueError, msgspec.EncodeError):  # pragma: no cover - decoded JSON
             return f"signal {signal.signal_id!r} has a payload that cannot be canonicalised"
-        if not hmac.compare_digest(want, signal.sig):
+        if not _same(want, signal.sig):
             return (f"signal {signal.signal_id!r} from {signal.sender or 'anonymous'!r} has a "
                     f"bad signature (forged, altered, or signed for another channel)")
         return None
@@ -147,7 +147,7 @@ class Keyring:
             return f"ACK from {coordinator!r} signed with unknown key {ack.key_id!r}"
         want = _mac(_ACK, key.for_swarm(swarm), swarm, ack.channel, signal_id, coordinator,
                     ack.stream_id, ack.iteration)
-        if not hmac.compare_digest(want, ack.sig):
+        if not _same(want, ack.sig):
             return (f"ACK from {coordinator!r} of signal {signal_id!r} has a bad signature "
                     "(forged or altered)")
         return None
@@ -155,6 +155,12 @@ class Keyring:
 
 _SIGNAL: Final = "streambus-signal/1"
 _ACK: Final = "streambus-ack/1"
+
+
+def _same(want: str, got: str) -> bool:
+    """Constant-time comparison of a hex MAC with any string an entry carries (as bytes:
+    ``compare_digest`` refuses a ``str`` with non-ASCII characters)."""
+    return hmac.compare_digest(want.encode(), got.encode("utf-8", "replace"))
 
 
 def _mac(domain: str, key: bytes, *parts: Any) -> str:

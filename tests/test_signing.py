@@ -94,9 +94,11 @@ async def test_altered_or_replayed_signals_do_not_verify(signer: Bus, raw: aiore
     await raw.xadd(keys.channel("b"), {b"e": fields[b"e"]})  # replayed on another channel
     await raw.xadd(keys.channel("b"), {b"e": msgspec.json.encode(
         {**event, "payload": {"verdict": "PASS"}})})  # altered payload
+    await raw.xadd(keys.channel("b"), {b"e": msgspec.json.encode(
+        {**event, "sig": "\u00e9" * 64})})  # not hex, not even ASCII
     with pytest.raises(WaitTimeout):
         await signer.wait_for("sw", "c1", "b", timeout=0.5, require_signed=True)
-    assert len(await dead_letters(raw, signer, "sw")) == 2
+    assert len(await dead_letters(raw, signer, "sw")) == 3
 
 
 async def test_rotation_accepts_old_and_new_keys(redis_url: str, namespace: str) -> None:
@@ -189,20 +191,20 @@ async def test_forged_and_misattributed_acks_do_not_count(signer: Bus, raw: aior
     [(genuine_id, fields)] = await raw.xrange(keys.acks)
     genuine = msgspec.json.decode(fields[b"e"])
     forged_id = await raw.xadd(keys.acks, {b"e": msgspec.json.encode(
-        {**genuine, "coordinator": "c2", "sig": "0" * 64})})
+        {**genuine, "coordinator": "c2", "sig": "\u00e9" * 64})})
     await raw.hset(keys.acked("s1"), mapping={"c2": forged_id, "c3": genuine_id,
-                                               "c4": "1-1"})
+                                               "c4": "1-1", "c5": "+", "c6": "no id"})
     with pytest.raises(AckTimeout) as caught:
-        await signer.wait_for_acks("sw", "s1", ["c1", "c2", "c3", "c4"], timeout=0.5,
-                                   require_signed=True)
+        await signer.wait_for_acks("sw", "s1", ["c1", "c2", "c3", "c4", "c5", "c6"],
+                                   timeout=0.5, require_signed=True)
     assert caught.value.acked_by == ("c1",)
     assert caught.value.rejected == {
         "c2": "ACK from 'c2' of signal 's1' has a bad signature (forged or altered)",
         "c3": "ACK recorded for 'c3' of signal 's1' is 'c1''s of 's1'",
-        "c4": "ACK 1-1 recorded for 'c4' is unreadable: entry has no body (deleted or trimmed "
-              "while pending)",
+        **{c: f"ACK {ack_id!r} recorded for {c!r} names no ACK entry (trimmed, or never "
+              "written)" for c, ack_id in (("c4", "1-1"), ("c5", "+"), ("c6", "no id"))},
     }
-    assert len(await dead_letters(raw, signer, "sw")) == 3  # each once, however many wakes
+    assert len(await dead_letters(raw, signer, "sw")) == 5  # each once, however many wakes
 
 
 async def test_requiring_signed_acks_without_a_key_publishes_nothing(bus: Bus,

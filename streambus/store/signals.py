@@ -84,7 +84,9 @@ class SignalOps(_StoreBase):
                     entries.append((ack_id, None))  # a forged id that is no stream id
                     continue
                 raise translate(reply, self._user)
-            entries.extend(_decode_entries(reply) or [(ack_id, None)])
+            found = _decode_entries(reply)
+            # Only that id's entry: "+" or "-" (written by a forger) would name another.
+            entries.append(found[0] if found and found[0][0] == ack_id else (ack_id, None))
         return entries
 
     async def publish(self, keys: SwarmKeys, channel: str, signal_id: str, event: bytes, *,
