@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import anyio
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -172,5 +173,56 @@ def test_poison_in_the_lifecycle_and_ack_streams_never_stops_a_projector(
             counters = await bus.counters("sw")
             assert counters.get("dead_letters", 0) + counters.get("unknown_events", 0) == len(
                 poison)
+
+    anyio.run(run)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | text,
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(text, inner, max_size=3), max_leaves=6)
+signed_looking = st.fixed_dictionaries({
+    "key_id": st.sampled_from(["k1", "k2", ""]) | text,
+    "sig": st.sampled_from(["", "0" * 64]) | text,
+    "sender": text,
+    "payload": json_values,
+})
+
+
+@SLOW
+@given(st.lists(signed_looking, min_size=1, max_size=3),
+       st.lists(text.filter(bool), min_size=1, max_size=3))
+def test_forged_signals_and_acks_never_stop_a_verifying_wait_or_sender(
+        server_url: str, forged: list[dict[str, object]], ack_ids: list[str]) -> None:
+    """Signals and ACKs that look signed (any key id, signature, sender and payload) on the
+    channel a require-signed waiter reads, and any ACK ids recorded for the coordinators a
+    require-signed sender awaits: each forgery is dead-lettered, the genuine signal and ACK
+    still count."""
+    async def run() -> None:
+        namespace = f"f{uuid.uuid4().hex[:10]}"
+        signing = Keyring((SigningKey("k1", b"0123456789abcdef"),))
+        async with streambus.connect(server_url, namespace=namespace, signing=signing) as bus:
+            keys = bus.keys("sw")
+            raw = aioredis.Redis.from_url(server_url)
+            try:
+                for n, fields in enumerate(forged):
+                    await raw.xadd(keys.channel("go"), {b"e": msgspec.json.encode({
+                        "type": "signal", "v": 1, "signal_id": f"forged-{n}", "swarm": "sw",
+                        "channel": "go", **fields})})
+                await raw.hset(keys.acked("real"),  # type: ignore[misc]
+                               mapping={f"x{n}": ack_id for n, ack_id in enumerate(ack_ids)})
+            finally:
+                await raw.aclose()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: bus.wait_for("sw", "c1", "go", timeout=10,
+                                                   require_signed=True))
+                with anyio.fail_after(10):
+                    await bus.publish("sw", "go", "genuine", signal_id="real", await_acks=["c1"],
+                                      require_signed=True)
+            with pytest.raises(streambus.AckTimeout) as caught:
+                await bus.wait_for_acks("sw", "real", [f"x{n}" for n in range(len(ack_ids))],
+                                        timeout=0.2, require_signed=True)
+            assert set(caught.value.rejected) == {f"x{n}" for n in range(len(ack_ids))}
+            counters = await bus.counters("sw")
+            assert counters.get("dead_letters", 0) == len(forged) + len(ack_ids)
 
     anyio.run(run)
