@@ -164,10 +164,23 @@ async def test_every_record_of_a_wait_expires_or_is_trimmed(bus: Bus) -> None:
     keys = bus.keys("ttl")
     raw = bus._store.raw()
     day = 24 * 3600
-    for key in (keys.state("c"), keys.dedupe("s-ttl"), keys.acked("s-ttl")):
+    for key in (keys.dedupe("s-ttl"), keys.acked("s-ttl")):
         assert 0 < await raw.ttl(key) <= day, key
+    # The state: a day after the wait's deadline (5 s), set when the wait began.
+    assert day < await raw.ttl(keys.state("c")) <= day + 5
     # Streams are trimmed instead: channels by age on publish, event streams by length.
     assert published.stream_id
+
+
+async def test_a_received_wait_keeps_its_state_a_day_past_its_deadline(bus: Bus) -> None:
+    """The receipt sets no expiry of its own (one command less per waiter): the one begin_wait
+    set outlasts the deadline by the state ttl, so a wait signaled late in a long timeout
+    still leaves its state for a day."""
+    await bus.publish("long", "ch", "x")
+    await bus.wait_for("long", "c", "ch", timeout=7 * 24 * 3600)
+    state = bus.keys("long").state("c")
+    assert await bus._store.raw().hget(state, "state") == b"signaled"
+    assert 8 * 24 * 3600 - 60 < await bus._store.raw().ttl(state) <= 8 * 24 * 3600
 
 
 async def test_a_wait_cancelled_before_it_blocks_is_recorded_cancelled(

@@ -89,7 +89,10 @@ redis.call('HSET', KEYS[1],
   'iteration', iteration, 'updated_ms', string.format('%d', now), 'watches', ARGV[8] or '',
   'wait_token', token)
 redis.call('HDEL', KEYS[1], 'ended_ms', 'outcome', 'unclaimed')
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+-- Kept for the state ttl after the deadline, so the receipt (which must not cost an EXPIRE of
+-- its own) and a late-confirmed one leave it at least that long.
+redis.call('EXPIRE', KEYS[1], string.format('%d',
+  tonumber(ARGV[4]) + math.max(0, math.ceil((deadline - now) / 1000))))
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 
 local event = cjson.encode({

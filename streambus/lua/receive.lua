@@ -5,24 +5,26 @@
 -- KEYS[1] acks stream, KEYS[2] events stream, KEYS[3] coordinators zset,
 --   then per group g: KEYS[2g+2] channel stream, KEYS[2g+3] acked hash of the signal,
 --   then per receipt, in group order: its coordinator's state hash
--- ARGV[1] entry field, ARGV[2] state ttl (s), ARGV[3] events maxlen, ARGV[4] acked ttl (s),
---   ARGV[5] number of groups G, then per group g from ARGV[4g+2]: channel, signal id, entry id,
---   receipts in the group; then per receipt, from ARGV[4G+6]: coordinator (= group), the
+-- ARGV[1] entry field, ARGV[2] events maxlen, ARGV[3] acked ttl (s),
+--   ARGV[4] number of groups G, then per group g from ARGV[4g+1]: channel, signal id, entry id,
+--   receipts in the group; then per receipt, from ARGV[4G+5]: coordinator (= group), the
 --   wait's iteration, when the wait started (ms), the Ack's signing key id and signature
 --   (both '' when unsigned; streambus.signing)
 -- The Ack and BlockingEnded(signaled) events are built here (same fields as their
 -- streambus.schema Structs). BlockingEnded carries the entry's stream id, so the receipt needs
 -- no SignalReceived event of its own (older writers appended one; readers still decode it).
+-- The state hash is not given an expiry here: begin_wait gave it one that outlasts the wait's
+-- deadline by the state ttl, and HSET keeps it.
 -- Returns the Ack entry id of each receipt, in the order given.
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-local field, ttl, maxlen, acked_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local groups = tonumber(ARGV[5])
+local field, maxlen, acked_ttl = ARGV[1], ARGV[2], ARGV[3]
+local groups = tonumber(ARGV[4])
 local out, seen, seen_at = {}, {}, {}
-local k, a = 3 + 2 * groups, 6 + 4 * groups
+local k, a = 3 + 2 * groups, 5 + 4 * groups
 for g = 1, groups do
   local stream, acked = KEYS[2 * g + 2], KEYS[2 * g + 3]
-  local b = 4 * g + 2
+  local b = 4 * g + 1
   local channel, signal_id, entry_id = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   local n, recorded, members = tonumber(ARGV[b + 3]), {}, {}
   for j = 1, n do
@@ -73,7 +75,6 @@ for g = 1, groups do
       end
       redis.call('HSET', state, 'state', 'signaled', 'outcome', 'signaled',
         'last_signal', signal_id, 'last_stream_id', entry_id, 'updated_ms', now, 'ended_ms', now)
-      redis.call('EXPIRE', state, ttl)
     end
     seen_at[#seen_at + 1] = now
     seen_at[#seen_at + 1] = coordinator

@@ -216,8 +216,8 @@ class SignalOps(_StoreBase):
                          *(k for r in heads for k in (keys.channel(r.channel),
                                                       keys.acked(r.signal_id))),
                          *(keys.state(r.coordinator) for g in groups for r in g)],
-                "args": [FIELD, self.limits.state_ttl_s, self.limits.events_maxlen,
-                         self.limits.dedupe_ttl_s, len(groups),
+                "args": [FIELD, self.limits.events_maxlen, self.limits.dedupe_ttl_s,
+                         len(groups),
                          *(a for g in groups for a in (g[0].channel, g[0].signal_id,
                                                        g[0].stream_id, len(g))),
                          *(a for g in groups for r in g
