@@ -24,6 +24,20 @@ The rules never name a command one of the supported servers lacks (``CLIENT SETI
 with the ``@connection`` category where the server has them. redis-py's ``CLIENT SETINFO`` on
 connect ignores a refusal anyway.
 
+The same rules hold on every topology. ACLs are per node, so a user must be created (and
+persisted: ``ACL SAVE`` with an ``aclfile``, or ``CONFIG REWRITE``; ``ACL SETUSER`` alone
+lasts until the node restarts) on every data node: on a Redis Cluster every master *and*
+replica, and every node added later; under Sentinel the master and every replica. A replica
+never serves the bus until a failover makes it the master, and then it needs the users.
+Sentinels are not data nodes: the bus asks them with the URL's ``sentinel_username`` /
+``sentinel_password`` (none by default), never with the role's credentials. On a Cluster the
+bus discovers the masters with ``CLUSTER SLOTS`` (granted); redis-py's own cluster client
+also sends ``COMMAND`` (its command table, and ``COMMAND GETKEYS`` before an ``XREADGROUP``),
+``READONLY`` (replica reads) and ``ASKING`` (during a resharding), which ``@connection``
+grants on Redis 7.0 and Valkey alike. ``CLUSTER NODES`` and ``CLUSTER SHARDS`` are not
+granted: neither client sends them. Tested on both servers in ``tests/test_acl_cluster.py``
+(and failed over: a promoted replica serves every role).
+
 Ids hold no glob characters (:mod:`streambus.keys`), so a namespace or swarm cannot widen a
 key pattern.
 """
@@ -40,7 +54,8 @@ ROLES: Final[tuple[Role, ...]] = ("agent", "observer", "projector", "admin")
 
 _BASE: Final = ("+@connection", "-@dangerous", "+time", "+cluster|slots")
 """Every role: PING, HELLO, SELECT, CLIENT ID/SETNAME (and SETINFO, WAITAOF where the server
-has them) minus the dangerous ones; the server clock; a cluster's slot map."""
+has them), COMMAND, READONLY, ASKING, minus the dangerous ones; the server clock; a cluster's
+slot map (``CLUSTER SLOTS`` alone: the rest of ``CLUSTER`` stays refused)."""
 
 _READ: Final = ("+scan", "+hget", "+hgetall", "+hmget", "+zrange",
                 "+zrangebyscore", "+zscore", "+xlen", "+xrange", "+xrevrange", "+xread",
