@@ -24,6 +24,7 @@ import streambus
 from streambus import Delivery, Liveness, PeerDead, RetryRequest, WaitTimeout
 from streambus.bus import Bus
 from streambus.keys import SwarmKeys
+from streambus.signing import Keyring, SigningKey
 from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, server_binaries
 from tests.clitools import Cli
 from tests.dashboard_tools import running_dashboard
@@ -96,6 +97,28 @@ async def test_fan_out_reaches_every_waiter_and_the_sender_sees_every_ack(tbus: 
         published = await tbus.publish("fan", "go", "x", await_acks=names, ack_timeout=10)
     assert published.acked_by == tuple(names)
     assert {d.signal.signal_id for d in got.values()} == {published.signal_id}
+
+
+async def test_signed_signals_and_acks_verify_and_forgeries_are_dead_lettered(
+        tbus: Bus, topology: Topology) -> None:
+    """Issue 13 on every topology: a require-signed wait takes only the signed signal (the
+    unsigned one is dead-lettered on the swarm's master), and the sender counts its signed ACK."""
+    signing = Keyring((SigningKey("k1", b"topology-secret-0123"),))
+    async with streambus.connect(topology.url, namespace=tbus.namespace, signing=signing,
+                                 block_ms=500) as signer:
+        await tbus.publish("signed", "go", "forged", signal_id="unsigned")
+        async with anyio.create_task_group() as tg:
+            got: list[Delivery] = []
+
+            async def wait() -> None:
+                got.append(await signer.wait_for("signed", "c", "go", timeout=10,
+                                                  require_signed=True))
+            tg.start_soon(wait)
+            published = await signer.publish("signed", "go", "genuine", await_acks=["c"],
+                                             ack_timeout=10, require_signed=True)
+        assert published.acked_by == ("c",)
+        assert got[0].signal.signal_id == published.signal_id
+        assert (await signer.counters("signed"))["dead_letters"] == 1
 
 
 async def test_a_wait_times_out_at_its_server_time_deadline(tbus: Bus) -> None:
