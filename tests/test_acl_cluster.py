@@ -28,7 +28,7 @@ from streambus.errors import NotPermitted
 from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, server_binaries
 from tests.clitools import Cli, finish, one_json_object
 from tests.fakes import until
-from tests.test_acl_roles import ADMIN_PASSWORD, NS, SWARM, USERS, refused
+from tests.test_acl_roles import ADMIN_PASSWORD, NS, SWARM, USERS, blocked_reads, refused
 
 SERVER_KINDS = server_binaries()
 FORBIDDEN: tuple[tuple[str, ...], ...] = (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"))
@@ -127,13 +127,6 @@ def quiet(secured: SecuredCluster) -> SecuredCluster:
     that nothing was refused, even silently."""
     secured.forget_refusals()
     return secured
-
-
-def blocked_reads(node: ServerProcess, user: str) -> int:
-    """How many clients of ``user`` are blocked in a stream read on ``node`` now."""
-    with node.client() as root:
-        return sum(1 for c in root.client_list() if c["user"] == user
-                   and c["cmd"] in ("xread", "xreadgroup") and "b" in c["flags"])
 
 
 # -- agent ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from streambus.errors import NotPermitted
 from streambus.testing.servers import ServerProcess
 from tests.clitools import Cli, finish, one_json_object, one_line_message
 from tests.conftest import SERVER_KINDS
+from tests.fakes import until
 
 ADMIN_PASSWORD = "root-pw"
 NS = "acl"
@@ -101,24 +102,38 @@ def test_agent_signals_waits_acknowledges_heartbeats_and_retries(cli: Cli, secur
     assert status.returncode == 0, status.stderr
 
 
+def blocked_reads(node: ServerProcess, user: str) -> int:
+    """How many clients of ``user`` are blocked in a stream read on ``node`` now."""
+    with node.client() as root:
+        return sum(1 for c in root.client_list() if c["user"] == user
+                   and c["cmd"] in ("xread", "xreadgroup") and "b" in c["flags"])
+
+
 @pytest.mark.anyio
 async def test_agent_waits_of_one_process_share_the_dispatcher(secured: Secured) -> None:
-    """Several waiters: the dispatcher's XREAD, its scripted group reads and CLIENT UNBLOCK."""
-    import anyio
+    """Several waiters: the dispatcher's XREAD, its scripted group reads and CLIENT UNBLOCK.
 
-    async with streambus.connect(secured.url("agent"), namespace=NS) as bus:
+    The later waiters arrive, on another channel, while the first one's read blocks
+    (``block_ms`` far beyond the test's bound), and their signal comes first: only an
+    interruption by CLIENT UNBLOCK serves them in time."""
+    async with streambus.connect(secured.url("agent"), namespace=NS, block_ms=60_000) as bus:
         got: dict[str, str] = {}
 
-        async def wait(coordinator: str) -> None:
-            delivery = await bus.wait_for(SWARM, coordinator, "many", timeout=15)
+        async def wait(coordinator: str, channel: str) -> None:
+            delivery = await bus.wait_for(SWARM, coordinator, channel, timeout=15)
             got[coordinator] = delivery.signal.signal_id
 
-        async with anyio.create_task_group() as tg:
-            for n in range(3):
-                tg.start_soon(wait, f"m{n}")
-            await bus.publish(SWARM, "many", None, signal_id="many-1",
-                              await_acks=["m0", "m1", "m2"], ack_timeout=15)
-        assert got == {"m0": "many-1", "m1": "many-1", "m2": "many-1"}
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, "m0", "many-a")
+                await until(lambda: blocked_reads(secured.server, "agent") == 1, within=5)
+                for n in range(1, 3):
+                    tg.start_soon(wait, f"m{n}", "many-b")
+                await bus.publish(SWARM, "many-b", None, signal_id="b-1",
+                                  await_acks=["m1", "m2"], ack_timeout=8)
+                await bus.publish(SWARM, "many-a", None, signal_id="a-1", await_acks=["m0"],
+                                  ack_timeout=8)
+        assert got == {"m0": "a-1", "m1": "b-1", "m2": "b-1"}
 
 
 def test_agent_of_one_swarm_cannot_touch_another(cli: Cli, secured: Secured) -> None:
