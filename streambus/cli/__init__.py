@@ -106,7 +106,7 @@ def _validate(args: argparse.Namespace) -> None:
     for coordinator in getattr(args, "await_ack", []):
         validate_id(coordinator, "coordinator id")
     if args.command == "signal" and args.require_signed and not args.await_ack:
-        raise InvalidInput("--require-signed verifies ACKs: name whose with --await-ack")
+        raise InvalidInput("--require-signed checks ACKs: name the coordinators with --await-ack")
     for peer in getattr(args, "watch", []):
         validate_id(peer, "peer id")
     for swarm in getattr(args, "swarms", []):
