@@ -7,6 +7,7 @@ failover tests restart what they killed, so the module leaves each one healthy.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,8 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from streambus.testing import LocalCluster, LocalSentinelSet
+from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess
+from streambus.testing.servers import TopologyError
 from tests.tls import make_tls_files, make_untrusted_ca, tls_server
 
 KEY = "topology:{probe}"
@@ -143,3 +145,24 @@ def test_tls_server_requiring_client_certificates_refuses_clients_without_one(
         with (redis.Redis.from_url(url, retry=None) as client,
               pytest.raises(redis.ConnectionError)):
             client.ping()
+
+
+class _Squatter(ServerProcess):
+    """A process that never binds its port: whatever answers there is someone else."""
+
+    def launch(self) -> None:
+        self.process = subprocess.Popen(["sleep", "30"])
+
+
+def test_a_port_served_by_another_process_is_an_error_not_a_server(own_server: ServerProcess,
+                                                                    tmp_path: Path) -> None:
+    """A second test run on the machine can take a port between free_port() and the bind: the
+    other server's PONG must not pass for ours (seen once: a Sentinel set whose third
+    sentinel's port answered as a data node)."""
+    squatter = _Squatter(own_server.binary, tmp_path / "squatter", port=own_server.port,
+                         password=own_server.password)
+    try:
+        with pytest.raises(TopologyError, match="served by another process"):
+            squatter.start()
+    finally:
+        squatter.stop()

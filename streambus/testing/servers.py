@@ -200,7 +200,15 @@ class ServerProcess:
             if not self.running:
                 raise TopologyError(
                     f"{self.binary.name} exited; see {self.directory}/server.log")
-            return bool(client.ping())
+            if not client.ping():
+                return False
+            # Another server may hold the port (taken between free_port() and this bind, e.g.
+            # by a second test run on the machine): its PONG must not pass for ours.
+            pid = int(client.info("server")["process_id"])
+            if self.process is not None and pid != self.process.pid:
+                raise TopologyError(f"port {self.port} is served by another process (pid "
+                                    f"{pid}), not this {self.binary.name}")
+            return True
 
         with self.client(timeout=0.5) as client:
             try:
