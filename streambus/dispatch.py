@@ -243,7 +243,7 @@ class Dispatcher:
         try:
             receipt = await self._receipt_or_dead_letter(waiter, entries[0])
             if receipt is not None:
-                await self._acknowledge([(waiter, receipt)])
+                await self._acknowledge([(waiter, receipt)], on_reader=True)
         finally:
             self._landed(waiter)
 
@@ -369,12 +369,15 @@ class Dispatcher:
         self._signals[waiter] = event
         return waiter.receipt(event, stream_id)
 
-    async def _acknowledge(self, receipts: list[tuple[Waiter, Receipt]]) -> None:
+    async def _acknowledge(self, receipts: list[tuple[Waiter, Receipt]], *,
+                           on_reader: bool = False) -> None:
         if not receipts:
             return
         for waiter, receipt in receipts:
             waiter.unconfirmed = receipt  # until the reply says it was applied
-        results = await self._store.receive_many([r for _, r in receipts])
+        sent = [r for _, r in receipts]
+        results = await (self._reader.receive(sent) if on_reader
+                         else self._store.receive_many(sent))
         for (waiter, receipt), result in zip(receipts, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, BusUnavailable):

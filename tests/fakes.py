@@ -12,7 +12,7 @@ The real-server tests stay the authority; this fake only makes interleavings rep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -84,9 +84,13 @@ class FakeStreams:
 class FakeReader:
     """The blocking connection (:class:`streambus.dispatch_store.Reader`)."""
 
-    def __init__(self, server: FakeStreams, block_ms: int) -> None:
+    def __init__(self, server: FakeStreams, block_ms: int,
+                 receive: Callable[[Sequence[Receipt]], Awaitable[list[str | BaseException]]]
+                 ) -> None:
         self.server = server
         self.block_s = block_ms / 1000
+        self.receive = receive
+        """The store's ``receive_many``: the fake has one connection for everything."""
         self.client_id: int | None = None
         self._blocked_on_server = False
         self._unblocked = anyio.Event()
@@ -162,7 +166,7 @@ class FakeStore:
         self.dead_letters: list[tuple[str, str]] = []
 
     def blocking_reader(self, *, block_ms: int, route: str = "") -> FakeReader:
-        reader = FakeReader(self.server, block_ms)
+        reader = FakeReader(self.server, block_ms, self.receive_many)
         self.readers.append(reader)
         return reader
 

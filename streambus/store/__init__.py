@@ -88,7 +88,7 @@ class Store(SignalOps, UpkeepOps):
     def blocking_reader(self, *, block_ms: int, route: str = "") -> BlockingReader:
         """A reader with a connection of its own, for blocking reads of the swarm of the key
         ``route``; it finds that swarm's master again on every reconnect."""
-        return BlockingReader(self._nodes, route, block_ms=block_ms)
+        return BlockingReader(self._nodes, route, block_ms=block_ms, receive=self.receive_on)
 
     def raw(self, route: str = "") -> Any:
         """The plain redis-py client of the master serving ``route``, untranslated: for

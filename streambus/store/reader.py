@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from streambus.errors import BusUnavailable
-from streambus.store._base import Entry, _decode_entries
+from streambus.store._base import Entry, Receipt, _decode_entries
 from streambus.store._errors import translated
 from streambus.store._nodes import Nodes
 
@@ -23,10 +23,13 @@ class BlockingReader:
     sentinels; Cluster: the slot map), so a reader never stays on a demoted master.
     """
 
-    def __init__(self, nodes: Nodes, route: str, *, block_ms: int) -> None:
+    def __init__(self, nodes: Nodes, route: str, *, block_ms: int,
+                 receive: Callable[[Any, Sequence[Receipt]],
+                                   Awaitable[list[str | BaseException]]] | None = None) -> None:
         self.block_ms = block_ms
         self.route = route
         self._nodes = nodes
+        self._receive = receive
         self._redis: Any = None
         self._address: tuple[str, int] | None = None
         self.client_id: int | None = None
@@ -96,6 +99,14 @@ class BlockingReader:
                 count=count, block=self.block_ms if block and not pending else None)
         return {name.decode(): [(i.decode(), f) for i, f in entries]
                 for name, entries in reply or ()}
+
+    async def receive(self, receipts: Sequence[Receipt]) -> list[str | BaseException]:
+        """Record receipts (the store's ``receive_many``) on this connection, idle between two
+        reads: a lone waiter's receipt needs no connection from the pool (about 40 µs of
+        client CPU per wake, which a hundred processes on two cores feel in their tail)."""
+        assert self._receive is not None, "a reader made by Store.blocking_reader receives"
+        async with self._client() as redis:
+            return await self._receive(redis, receipts)
 
     async def aclose(self) -> None:
         """Close the connection. Safe to call twice."""

@@ -203,6 +203,15 @@ class SignalOps(_StoreBase):
         """Acknowledge delivered signals (one swarm) in one round trip; return each Ack's id."""
         if not receipts:
             return []
+        async with self._on(receipts[0].keys.prefix) as redis:
+            return await self.receive_on(redis, receipts)
+
+    async def receive_on(self, redis: Any, receipts: Sequence[Receipt]
+                         ) -> list[str | BaseException]:
+        """:meth:`receive_many` through ``redis``, a client of the swarm's master (a blocking
+        reader's, between its reads); the caller translates connection errors."""
+        if not receipts:
+            return []
         keys = receipts[0].keys
         if any(r.keys != keys for r in receipts):
             raise ValueError("receive_many takes the receipts of one swarm")
@@ -225,19 +234,18 @@ class SignalOps(_StoreBase):
                                      r.sig))],
             }
 
-        async with self._on(keys.prefix) as redis:
-            if len(chunks) == 1:  # the common case, without a pipeline's overhead
-                try:
-                    replies: list[Any] = [await self._scripts.call(redis, "receive",
-                                                                  **call_args(chunks[0]))]
-                except rex.ResponseError as exc:
-                    replies = [exc]
-            else:
-                def build(pipe: Any) -> None:
-                    for chunk in chunks:
-                        self._scripts.queue(pipe, "receive", **call_args(chunk))
+        if len(chunks) == 1:  # the common case, without a pipeline's overhead
+            try:
+                replies: list[Any] = [await self._scripts.call(redis, "receive",
+                                                              **call_args(chunks[0]))]
+            except rex.ResponseError as exc:
+                replies = [exc]
+        else:
+            def build(pipe: Any) -> None:
+                for chunk in chunks:
+                    self._scripts.queue(pipe, "receive", **call_args(chunk))
 
-                replies = await self._scripts.pipeline(redis, build)
+            replies = await self._scripts.pipeline(redis, build)
         by_receipt: dict[int, str | BaseException] = {}
         for groups, reply in zip(chunks, replies, strict=True):
             sent = [r for g in groups for r in g]
