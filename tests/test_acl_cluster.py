@@ -15,20 +15,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import anyio
 import pytest
 import redis
 import redis.cluster
 from redis.cluster import LoadBalancingStrategy
 
 import streambus
-from consumers.metrics import SwarmEvents
-from consumers.watchdog import Watchdog
 from streambus.errors import NotPermitted
 from streambus.testing import LocalCluster, LocalSentinelSet, ServerProcess, server_binaries
 from tests.clitools import Cli, finish, one_json_object
-from tests.fakes import until
-from tests.test_acl_roles import ADMIN_PASSWORD, NS, SWARM, USERS, blocked_reads, refused
+from tests.test_acl_roles import (
+    ADMIN_PASSWORD,
+    NS,
+    SWARM,
+    USERS,
+    agent_job,
+    projector_job,
+    refused,
+    waiters_join_a_blocked_read,
+)
 
 SERVER_KINDS = server_binaries()
 FORBIDDEN: tuple[tuple[str, ...], ...] = (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"))
@@ -133,20 +138,7 @@ def quiet(secured: SecuredCluster) -> SecuredCluster:
 
 def test_agent_signals_waits_acknowledges_heartbeats_and_retries(cli: Cli, quiet: SecuredCluster
                                                                  ) -> None:
-    agent = quiet.args("agent")
-    waiter = cli.start("wait", SWARM, "c1", "go", "--timeout", "20s", "--heartbeat-interval",
-                       "100ms", "--watch", "c2", "--dead-after", "30s", *agent)
-    sent = cli.run("signal", SWARM, "go", "--signal-id", "go-1", "--payload", '{"ok": 1}',
-                   "--await-ack", "c1", "--ack-timeout", "15s", *agent)
-    assert sent.returncode == 0, sent.stderr
-    assert one_json_object(sent.stdout)["acked_by"] == ["c1"]
-    code, out, err = finish(waiter)
-    assert code == 0, err
-    assert one_json_object(out)["payload"] == {"ok": 1}
-    retry = cli.run("retry", SWARM, "c1", "--reason", "redo", *agent)
-    assert retry.returncode == 0, retry.stderr
-    status = cli.run("status", SWARM, "--json", *agent)
-    assert status.returncode == 0, status.stderr
+    agent_job(cli, quiet.args("agent"))
     assert quiet.refusals() == []
 
 
@@ -156,24 +148,7 @@ async def test_agent_waits_of_one_process_share_the_dispatcher(quiet: SecuredClu
     first waiter's own XREADGROUP): the dispatcher must interrupt it with CLIENT UNBLOCK
     (``block_ms`` is far beyond the test's bound), then serves both with one XREAD and its
     scripted group reads."""
-    master = quiet.master_of_swarm(SWARM)
-    async with streambus.connect(quiet.url("agent"), namespace=NS, block_ms=60_000) as bus:
-        got: dict[str, str] = {}
-
-        async def wait(coordinator: str, channel: str) -> None:
-            delivery = await bus.wait_for(SWARM, coordinator, channel, timeout=15)
-            got[coordinator] = delivery.signal.signal_id
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(wait, "k0", "kick-a")
-                await until(lambda: blocked_reads(master, "agent") == 1, within=5)
-                tg.start_soon(wait, "k1", "kick-b")
-                await bus.publish(SWARM, "kick-b", None, signal_id="b-1", await_acks=["k1"],
-                                  ack_timeout=8)
-                await bus.publish(SWARM, "kick-a", None, signal_id="a-1", await_acks=["k0"],
-                                  ack_timeout=8)
-        assert got == {"k0": "a-1", "k1": "b-1"}
+    await waiters_join_a_blocked_read(quiet.url("agent"), quiet.master_of_swarm(SWARM))
     assert quiet.refusals() == []
 
 
@@ -222,15 +197,8 @@ def test_observer_writes_nothing(cli: Cli, secured: SecuredCluster, command: lis
 
 @pytest.mark.anyio
 async def test_projector_keeps_its_groups_and_reports_dead(quiet: SecuredCluster) -> None:
-    async with streambus.connect(quiet.url("agent"), namespace=NS) as bus:
-        async with bus.coordinator(SWARM, "lapsing").heartbeating(0.05):
-            pass
-        await bus.publish(SWARM, "proj", None, signal_id="p1")
     async with streambus.connect(quiet.url("projector"), namespace=NS) as bus:
-        projection = SwarmEvents(SWARM)
-        await bus.projector(SWARM, projection).catch_up()
-        assert await Watchdog(bus, SWARM, dead_after=0.001).check() is not None
-        assert isinstance(await bus.census(SWARM), dict)
+        await projector_job(quiet.url("agent"), bus)
         lease = bus.lease(SWARM, "traces", ttl=5)
         await lease.acquire()
         assert lease.held

@@ -84,9 +84,9 @@ def refused(result: object) -> str:
 
 # -- agent ----------------------------------------------------------------------------------------
 
-def test_agent_signals_waits_acknowledges_heartbeats_and_retries(cli: Cli, secured: Secured
-                                                                 ) -> None:
-    agent = secured.args("agent")
+def agent_job(cli: Cli, agent: list[str]) -> None:
+    """An agent's whole job through the CLI (``agent``: its bus arguments): wait with
+    heartbeats and a watched peer, signal awaiting the ACK, a retry request, status."""
     waiter = cli.start("wait", SWARM, "c1", "go", "--timeout", "20s", "--heartbeat-interval",
                        "100ms", "--watch", "c2", "--dead-after", "30s", *agent)
     sent = cli.run("signal", SWARM, "go", "--signal-id", "go-1", "--payload", '{"ok": 1}',
@@ -100,6 +100,11 @@ def test_agent_signals_waits_acknowledges_heartbeats_and_retries(cli: Cli, secur
     assert retry.returncode == 0, retry.stderr
     status = cli.run("status", SWARM, "--json", *agent)
     assert status.returncode == 0, status.stderr
+
+
+def test_agent_signals_waits_acknowledges_heartbeats_and_retries(cli: Cli, secured: Secured
+                                                                 ) -> None:
+    agent_job(cli, secured.args("agent"))
 
 
 def blocked_reads(node: ServerProcess, user: str) -> int:
@@ -116,7 +121,14 @@ async def test_agent_waits_of_one_process_share_the_dispatcher(secured: Secured)
     The later waiters arrive, on another channel, while the first one's read blocks
     (``block_ms`` far beyond the test's bound), and their signal comes first: only an
     interruption by CLIENT UNBLOCK serves them in time."""
-    async with streambus.connect(secured.url("agent"), namespace=NS, block_ms=60_000) as bus:
+    await waiters_join_a_blocked_read(secured.url("agent"), secured.server)
+
+
+async def waiters_join_a_blocked_read(url: str, master: ServerProcess) -> None:
+    """Waiters join, on another channel, while the first one's read blocks on ``master``
+    (``block_ms`` far beyond the bound here) and their signal comes first: served in time
+    only if the dispatcher interrupts its read (CLIENT UNBLOCK)."""
+    async with streambus.connect(url, namespace=NS, block_ms=60_000) as bus:
         got: dict[str, str] = {}
 
         async def wait(coordinator: str, channel: str) -> None:
@@ -126,7 +138,7 @@ async def test_agent_waits_of_one_process_share_the_dispatcher(secured: Secured)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait, "m0", "many-a")
-                await until(lambda: blocked_reads(secured.server, "agent") == 1, within=5)
+                await until(lambda: blocked_reads(master, "agent") == 1, within=5)
                 for n in range(1, 3):
                     tg.start_soon(wait, f"m{n}", "many-b")
                 await bus.publish(SWARM, "many-b", None, signal_id="b-1",
@@ -221,18 +233,22 @@ def test_observer_keys_are_read_only_even_for_group_reads(secured: Secured) -> N
 
 @pytest.mark.anyio
 async def test_projector_keeps_its_groups_and_reports_dead(secured: Secured) -> None:
-    async with streambus.connect(secured.url("agent"), namespace=NS) as bus:
-        async with bus.coordinator(SWARM, "lapsing").heartbeating(0.05):
-            pass
-        await bus.publish(SWARM, "proj", None, signal_id="p1")
     async with streambus.connect(secured.url("projector"), namespace=NS) as bus:
-        projection = SwarmEvents(SWARM)
-        await bus.projector(SWARM, projection).catch_up()
-        assert await Watchdog(bus, SWARM, dead_after=0.001).check() is not None
-        census = await bus.census(SWARM)
-        assert isinstance(census, dict)
+        await projector_job(secured.url("agent"), bus)
         with pytest.raises(NotPermitted, match="script 'publish'"):
             await bus.publish(SWARM, "proj", None)  # a projector cannot forge a signal
+
+
+async def projector_job(agent_url: str, bus: streambus.Bus) -> None:
+    """What the consumers do on a projector's ``bus``, after an agent (``agent_url``) left a
+    lapsed heartbeat and a signal: catch up, report the dead, take the census."""
+    async with streambus.connect(agent_url, namespace=NS) as agent:
+        async with agent.coordinator(SWARM, "lapsing").heartbeating(0.05):
+            pass
+        await agent.publish(SWARM, "proj", None, signal_id="p1")
+    await bus.projector(SWARM, SwarmEvents(SWARM)).catch_up()
+    assert await Watchdog(bus, SWARM, dead_after=0.001).check() is not None
+    assert isinstance(await bus.census(SWARM), dict)
 
 
 @pytest.mark.anyio
