@@ -24,7 +24,7 @@ from streambus.config import parse_duration
 from streambus.errors import InvalidInput
 from streambus.keys import SwarmKeys, validate_id
 from streambus.signing import Keyring, SigningKey
-from streambus.store.urls import parse_url
+from streambus.store.urls import parse_url, redact
 
 T = TypeVar("T")
 FAST = settings(max_examples=200, deadline=None)
@@ -64,12 +64,25 @@ def test_durations_parse_or_are_invalid_input(value: str) -> None:
 
 @FAST
 @given(st.sampled_from(["redis", "rediss", "redis+cluster", "rediss+sentinel", "unix", "http",
-                        ""]), text, text, text)
+                        ""]), st.sampled_from(["://", ":/", ":", ""]), text, text, text)
 def test_urls_parse_or_are_invalid_input_without_the_password(
-        scheme: str, user: str, host: str, rest: str) -> None:
-    url = f"{scheme}://{user}:{SECRET}@{host}{rest}"
+        scheme: str, separator: str, user: str, host: str, rest: str) -> None:
+    """(Found leaking, before the fix: a user name holding "/" and ":", an "@" before the first
+    "/", a "://" after the password, and a URL with no "://" at all.)"""
+    url = f"{scheme}{separator}{user}:{SECRET}@{host}{rest}"
     endpoint, error = attempt(lambda: parse_url(url))
     assert SECRET not in error
+    assert SECRET not in redact(url)
+    assert endpoint is None or SECRET not in endpoint.redacted
+
+
+@pytest.mark.parametrize("url", [
+    "redis://0/:\x1f:Zq7-SECRET-x9@", "redis://@/:Zq7-SECRET-x9@", "unix://@/:Zq7-SECRET-x9@",
+    "redis:/:Zq7-SECRET-x9@://0", "redis:user:Zq7-SECRET-x9@host"])
+def test_urls_that_leaked_their_password_once(url: str) -> None:
+    endpoint, error = attempt(lambda: parse_url(url))
+    assert SECRET not in error
+    assert SECRET not in redact(url)
     assert endpoint is None or SECRET not in endpoint.redacted
 
 

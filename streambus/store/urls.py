@@ -79,24 +79,27 @@ class Endpoint:
         return out
 
 
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***``.
 
-    A password that breaks the URL rules (an unescaped ``/``, ``?`` or ``#`` in it) still never
-    shows: when the host part holds no ``@``, everything up to the last ``@`` is taken for the
-    credentials (hiding too much rather than too little).
+    A password that breaks the URL rules (an unescaped ``/``, ``?``, ``#`` or ``@`` in it, or a
+    user name that does) still never shows: everything up to the *last* ``@`` is taken for the
+    credentials, hiding too much (an ``@`` in a query option) rather than too little. Without
+    ``://`` after a plain scheme nothing can be told apart, so everything up to the last ``@``
+    goes.
     """
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" not in netloc:
-        netloc, slash, tail = rest, "", ""
-    userinfo, at, hostpart = netloc.rpartition("@")
+    if not sep or _SCHEME.fullmatch(scheme) is None:  # no scheme to tell the parts apart by
+        _, at, tail = url.rpartition("@")
+        return f"***@{tail}" if at else url
+    userinfo, at, hostpart = rest.rpartition("@")
     if not at:
         return url
     user = userinfo.partition(":")[0] if ":" in userinfo else ""
-    return f"{scheme}://{user}:***@{hostpart}{slash}{tail}"
+    return f"{scheme}://{user}:***@{hostpart}"
 
 
 def parse_url(url: str) -> Endpoint:
@@ -104,7 +107,8 @@ def parse_url(url: str) -> Endpoint:
     malformed."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in _SCHEMES:
-        raise _invalid(url, f"unknown scheme {scheme + sep or url[:20]!r}")
+        raise _invalid(url, f"unknown scheme {scheme + sep!r}" if sep and _SCHEME.fullmatch(
+            scheme) else "no scheme (such as redis://) starts it")
     kind, tls = _SCHEMES[scheme.lower()]
     if scheme.lower() == "unix":
         return Endpoint(url, kind, tls)
@@ -169,10 +173,15 @@ def _options(url: str, query: str, *, strict: bool) -> dict[str, str]:
 
 
 def _invalid(url: str, why: str) -> InvalidInput:
-    # ``why`` quotes a piece of the URL, which in a malformed URL may hold the password.
-    rest = url.partition("://")[2]
-    userinfo = rest.rpartition("@")[0]
-    for secret in (userinfo.partition(":")[2], userinfo):
-        if secret:
-            why = why.replace(secret, "***")
+    # ``why`` quotes a piece of the URL, which in a malformed URL may hold the password: where
+    # the user name itself breaks the URL rules, the password may start after any ':' of the
+    # credentials, and a quoted piece shows it escaped (repr), so every form goes.
+    scheme, sep, rest = url.partition("://")
+    userinfo = (rest if sep and _SCHEME.fullmatch(scheme) else url).rpartition("@")[0]
+    secrets = {userinfo, *(userinfo[i + 1:] for i, c in enumerate(userinfo) if c == ":")}
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        escaped = repr(secret)[1:-1]
+        for form in (secret, escaped, escaped.replace("'", "\\'"),
+                     secret.encode("unicode_escape").decode("ascii")):
+            why = why.replace(form, "***")
     return InvalidInput(f"invalid Redis URL {redact(url)!r}: {why}; expected {_FORMS}")
