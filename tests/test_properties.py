@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import anyio
@@ -162,22 +162,30 @@ def test_poison_on_a_channel_never_stops_a_wait(server_url: str,
     anyio.run(run)
 
 
+@contextlib.asynccontextmanager
+async def signing_bus(server_url: str) -> AsyncIterator[tuple[streambus.Bus, aioredis.Redis]]:
+    """A bus with a signing key on a namespace of its own, and a raw client that writes what
+    no bus would."""
+    signing = Keyring((SigningKey("k1", b"0123456789abcdef"),))
+    async with streambus.connect(server_url, namespace=f"p{uuid.uuid4().hex[:10]}",
+                                 signing=signing) as bus:
+        raw = aioredis.Redis.from_url(server_url)
+        try:
+            yield bus, raw
+        finally:
+            await raw.aclose()
+
+
 @SLOW
 @given(st.lists(fields, min_size=1, max_size=3))
 def test_poison_in_the_lifecycle_and_ack_streams_never_stops_a_projector(
         server_url: str, poison: list[dict[bytes, bytes]]) -> None:
     async def run() -> None:
-        namespace = f"q{uuid.uuid4().hex[:10]}"
-        signing = Keyring((SigningKey("k1", b"0123456789abcdef"),))
-        async with streambus.connect(server_url, namespace=namespace, signing=signing) as bus:
+        async with signing_bus(server_url) as (bus, raw):
             keys = bus.keys("sw")
-            raw = aioredis.Redis.from_url(server_url)
-            try:
-                for n, entry in enumerate(poison):
-                    stream = keys.events if n % 2 else keys.acks
-                    await raw.xadd(stream, entry)  # type: ignore[arg-type]
-            finally:
-                await raw.aclose()
+            for n, entry in enumerate(poison):
+                stream = keys.events if n % 2 else keys.acks
+                await raw.xadd(stream, entry)  # type: ignore[arg-type]
             await bus.publish("sw", "go", None, signal_id="real")
             await bus.wait_for("sw", "c1", "go", timeout=5, require_signed=True)
             projection = SwarmEvents("sw")
@@ -211,20 +219,14 @@ def test_forged_signals_and_acks_never_stop_a_verifying_wait_or_sender(
     require-signed sender awaits: each forgery is dead-lettered, the genuine signal and ACK
     still count."""
     async def run() -> None:
-        namespace = f"f{uuid.uuid4().hex[:10]}"
-        signing = Keyring((SigningKey("k1", b"0123456789abcdef"),))
-        async with streambus.connect(server_url, namespace=namespace, signing=signing) as bus:
+        async with signing_bus(server_url) as (bus, raw):
             keys = bus.keys("sw")
-            raw = aioredis.Redis.from_url(server_url)
-            try:
-                for n, fields in enumerate(forged):
-                    await raw.xadd(keys.channel("go"), {b"e": msgspec.json.encode({
-                        "type": "signal", "v": 1, "signal_id": f"forged-{n}", "swarm": "sw",
-                        "channel": "go", **fields})})
-                await raw.hset(keys.acked("real"),  # type: ignore[misc]
-                               mapping={f"x{n}": ack_id for n, ack_id in enumerate(ack_ids)})
-            finally:
-                await raw.aclose()
+            for n, fields in enumerate(forged):
+                await raw.xadd(keys.channel("go"), {b"e": msgspec.json.encode({
+                    "type": "signal", "v": 1, "signal_id": f"forged-{n}", "swarm": "sw",
+                    "channel": "go", **fields})})
+            await raw.hset(keys.acked("real"),  # type: ignore[misc]
+                           mapping={f"x{n}": ack_id for n, ack_id in enumerate(ack_ids)})
             async with anyio.create_task_group() as tg:
                 tg.start_soon(lambda: bus.wait_for("sw", "c1", "go", timeout=10,
                                                    require_signed=True))
