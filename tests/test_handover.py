@@ -32,15 +32,30 @@ from tests.helpers import until_states
 pytestmark = pytest.mark.anyio
 
 
-def wrap(monkeypatch: pytest.MonkeyPatch, bus: Bus, name: str,
-         around: Callable[[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
-                          Awaitable[Any]]) -> None:
+Around = Callable[[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
+                  Awaitable[Any]]
+
+
+def wrap(monkeypatch: pytest.MonkeyPatch, bus: Bus, name: str, around: Around) -> None:
     real = getattr(bus._store, name)
 
     async def wrapped(*args: Any, **kwargs: Any) -> Any:
         return await around(real, args, kwargs)
 
     monkeypatch.setattr(bus._store, name, wrapped)
+
+
+def held_on_its_way(sent: anyio.Event, release: anyio.Event) -> Around:
+    """For :func:`wrap`: the call sets ``sent``, then stays on its way to the server until
+    ``release`` (whatever is cancelled meanwhile), where it then runs late."""
+    async def late(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        sent.set()
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+            return await real(*args, **kwargs)
+
+    return late
 
 
 async def cancelled_wait(bus: Bus, swarm: str, landed: anyio.Event, *, channel: str = "ch",
@@ -92,7 +107,7 @@ async def test_a_wait_cancelled_while_its_receipt_is_in_flight_returns_it_next_t
         await release.wait()  # ...and the reply is slow to come back
         return result
 
-    wrap(monkeypatch, bus, "receive_many", slow_reply)
+    wrap(monkeypatch, bus, "receive_on", slow_reply)
     published = await bus.publish("inflight", "ch", "x")
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancelled_wait, bus, "inflight", landed)
@@ -182,15 +197,7 @@ async def test_a_receipt_applied_after_its_wait_ended_is_returned_next_time(
     recorded itself cancelled): nobody handed the signal over, so the next wait returns it."""
     monkeypatch.setattr("streambus.dispatch._SETTLE_LIMIT_S", 0.2)
     sent, release = anyio.Event(), anyio.Event()
-
-    async def late(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-        sent.set()
-        with anyio.CancelScope(shield=True):
-            await release.wait()  # still on its way to the server...
-            return await real(*args, **kwargs)  # ...where it runs late
-
-    wrap(monkeypatch, bus, "receive_many", late)
+    wrap(monkeypatch, bus, "receive_on", held_on_its_way(sent, release))
     published = await bus.publish("late-receipt", "ch", "x")
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancelled_wait, bus, "late-receipt", sent)
@@ -294,15 +301,7 @@ async def test_a_receipt_applied_after_a_later_wait_began_is_parked_for_its_chan
 ) -> None:
     monkeypatch.setattr("streambus.dispatch._SETTLE_LIMIT_S", 0.2)
     sent, release = anyio.Event(), anyio.Event()
-
-    async def late(real: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-        sent.set()
-        with anyio.CancelScope(shield=True):
-            await release.wait()
-            return await real(*args, **kwargs)
-
-    wrap(monkeypatch, bus, "receive_many", late)
+    wrap(monkeypatch, bus, "receive_on", held_on_its_way(sent, release))
     published = await bus.publish("late-park", "a", "x")
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(cancelled_wait, bus, "late-park", sent, channel="a"))
