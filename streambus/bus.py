@@ -193,11 +193,12 @@ class Bus(Views):
         stream_id, duplicate = await self._runtime.retrying(
             lambda: self._store.publish(keys, channel, signal_id, raw, durability=durability)
         )
-        log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel, stream_id,
-                 " (duplicate)" if duplicate else "", extra={
-                     "event": "published", "swarm": swarm, "channel": channel,
-                     "signal_id": signal_id, "stream_id": stream_id, "duplicate": duplicate,
-                     "trace_id": trace_id_of(event.trace)})
+        if log.isEnabledFor(logging.INFO):
+            log.info("published signal %s on %s/%s as %s%s", signal_id, swarm, channel,
+                     stream_id, " (duplicate)" if duplicate else "", extra={
+                         "event": "published", "swarm": swarm, "channel": channel,
+                         "signal_id": signal_id, "stream_id": stream_id, "duplicate": duplicate,
+                         "trace_id": trace_id_of(event.trace)})
         acked: tuple[str, ...] = ()
         if awaited:
             try:

@@ -316,16 +316,18 @@ class Coordinator:
             raise WaitTimeout(self.id, waiter.channel, start.deadline_ms, waiter.rejected)
         signal = outcome.signal
         delivery = Delivery(signal, self.id, outcome.stream_id, outcome.ack_id, waiter.iteration)
-        log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
-                 signal.signal_id, self.swarm, waiter.channel, outcome.stream_id,
-                 extra=self._facts(waiter.channel, waiter.iteration, "signal_received",
-                                   outcome=Outcome.SIGNALED, signal_id=signal.signal_id,
-                                   latency_ms=delivery.latency_ms,
-                                   trace_id=trace_id_of(signal.trace)))
-        await self._fire("on_signal_received", SignalReceived(
-            coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
-            signal_id=signal.signal_id, stream_id=outcome.stream_id,
-            started_ms=start.started_ms))
+        if log.isEnabledFor(logging.INFO):  # its facts cost a wake-up even when nobody logs
+            log.info("coordinator %s received signal %s on %s/%s (%s)", self.id,
+                     signal.signal_id, self.swarm, waiter.channel, outcome.stream_id,
+                     extra=self._facts(waiter.channel, waiter.iteration, "signal_received",
+                                       outcome=Outcome.SIGNALED, signal_id=signal.signal_id,
+                                       latency_ms=delivery.latency_ms,
+                                       trace_id=trace_id_of(signal.trace)))
+        if self.hooks is not None and self.hooks.configured("on_signal_received"):
+            await self.hooks.fire("on_signal_received", SignalReceived(
+                coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
+                signal_id=signal.signal_id, stream_id=outcome.stream_id,
+                started_ms=start.started_ms))
         return delivery
 
     async def _fire(self, name: str, event: Any) -> None:

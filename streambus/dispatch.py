@@ -246,6 +246,9 @@ class Dispatcher:
                 await self._acknowledge([(waiter, receipt)], on_reader=True)
         finally:
             self._landed(waiter)
+        if waiter.state is WaiterState.SETTLED:
+            # Let the coordinator return its signal before this loop goes round again.
+            await anyio.lowlevel.checkpoint()
 
     async def _serve_dirty(self) -> None:
         batch = list(self._dirty)

@@ -33,6 +33,10 @@ def swarm_index_pattern(namespace: str) -> str:
     return f"{validate_id(namespace, 'namespace')}:{{*}}:*"
 
 
+ACKED_EXPIRY_MARK = ":expires"
+"""A field of each acked hash, not a coordinator (no id starts with ``:``): the hash's first
+writer set its expiry (the ``receive`` script reads the mark instead of setting it again)."""
+
 SWARM_INDEXES = (":coordinators", ":alive")
 """The suffixes of the zsets that make a swarm: see :func:`swarm_index_pattern`."""
 
@@ -86,7 +90,8 @@ class SwarmKeys:
         return f"{self.prefix}:acks"
 
     def acked(self, signal_id: str) -> str:
-        """Hash coordinator -> ack stream id for one signal: who acknowledged it."""
+        """Hash coordinator -> ack stream id for one signal: who acknowledged it (and the field
+        :data:`ACKED_EXPIRY_MARK`, which is no coordinator)."""
         return f"{self.prefix}:acked:{validate_id(signal_id, 'signal id')}"
 
     def dedupe(self, signal_id: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from streambus import Bus
+from streambus.keys import ACKED_EXPIRY_MARK
 from streambus.schema import Ack, BlockingEnded, BlockingStarted, decode_fields
 from streambus.store import GroupRead, Receipt
 
@@ -43,6 +44,67 @@ async def test_grouped_receipts_are_recorded_once_each_and_idempotently(bus: Bus
     assert sorted((e.coordinator, e.stream_id) for e in ends
                   if isinstance(e, BlockingEnded)) == [
         ("a", x.stream_id), ("b", x.stream_id), ("c", y.stream_id)]
-    assert await store.hgetall(keys.acked("sx")) == {"a": first[0], "b": first[2]}
+    assert await store.hgetall(keys.acked("sx")) == {"a": first[0], "b": first[2],
+                                                     ACKED_EXPIRY_MARK: "1"}
+    # The sender's view of who acknowledged names coordinators only.
+    assert (await store.acks_snapshot(keys, "sx"))[1] == {"a": first[0], "b": first[2]}
     for coordinator, _ in waits:
         assert (await store.hgetall(keys.state(coordinator)))["state"] == "signaled"
+
+
+async def test_the_acked_hash_gets_its_expiry_once_and_from_any_first_writer(bus: Bus) -> None:
+    """The first receipt of a signal gives its acked hash the dedupe ttl and marks it; later
+    receipts (other processes) find the mark and leave the expiry alone. A hash an older
+    writer left without the mark gets its expiry from the next receipt all the same."""
+    store, keys = bus._store, bus.keys("marks")
+    raw = store.raw()
+    day = 24 * 3600
+    for coordinator in ("a", "b", "c"):
+        await store.begin_wait(keys, coordinator, "x", 60_000, 0)
+    x = await bus.publish("marks", "x", "to all", signal_id="sx")
+    legacy = keys.acked("sx")
+    await raw.hset(legacy, "old-writer", "1-0")  # no mark, no expiry: an older writer's
+    assert await raw.ttl(legacy) == -1
+
+    def receipt(coordinator: str) -> Receipt:
+        return Receipt(keys=keys, coordinator=coordinator, channel="x", stream_id=x.stream_id,
+                       signal_id="sx", iteration=1, started_ms=1)
+
+    await store.read_groups([GroupRead(keys.channel("x"), c, True) for c in ("a", "b")])
+    [ack_a] = await store.receive_many([receipt("a")])
+    assert 0 < await raw.ttl(legacy) <= day
+    assert await raw.hget(legacy, ACKED_EXPIRY_MARK) == b"1"
+    await raw.expire(legacy, 1000)  # a marked hash keeps the expiry it has
+    [ack_b] = await store.receive_many([receipt("b")])
+    assert 990 < await raw.ttl(legacy) <= 1000
+    assert await store.hgetall(legacy) == {"old-writer": "1-0", "a": ack_a, "b": ack_b,
+                                           ACKED_EXPIRY_MARK: "1"}
+
+
+@pytest.mark.parametrize(("key_id", "sig"), [
+    ("k1", "c2lnbmF0dXJl"),
+    ('k"1', 'quote " backslash \\ newline \n tab \t end'),
+    ("ключ", "подпись ✓"),
+])
+async def test_the_ack_the_script_writes_decodes_to_what_was_given(
+    bus: Bus, key_id: str, sig: str
+) -> None:
+    """The receive script writes its events' JSON itself: whatever the signing fields hold
+    (quotes, backslashes, control characters, non-ASCII), the Ack decodes to exactly them,
+    and the lifecycle event to the receipt's facts."""
+    store, keys = bus._store, bus.keys("json")
+    start = await store.begin_wait(keys, "a", "x", 60_000, 0)
+    x = await bus.publish("json", "x", "hi", signal_id="sj")
+    await store.read_groups([GroupRead(keys.channel("x"), "a", True)])
+    [ack_id] = await store.receive_many([Receipt(
+        keys=keys, coordinator="a", channel="x", stream_id=x.stream_id, signal_id="sj",
+        iteration=start.iteration, started_ms=start.started_ms, key_id=key_id, sig=sig)])
+    [(_, fields)] = await store.read_range(keys.acks)
+    assert decode_fields(fields) == Ack(coordinator="a", signal_id="sj", channel="x",
+                                        stream_id=x.stream_id, iteration=start.iteration,
+                                        key_id=key_id, sig=sig)
+    ends = [decode_fields(f) for _, f in await store.read_range(keys.events)]
+    assert ends[-1] == BlockingEnded(coordinator="a", channel="x", iteration=start.iteration,
+                                     outcome="signaled", signal_id="sj", stream_id=x.stream_id,
+                                     started_ms=start.started_ms)
+    assert ack_id

@@ -8,7 +8,7 @@ from typing import Any
 import redis.exceptions as rex
 
 from streambus.errors import DurabilityUnsupported
-from streambus.keys import SwarmKeys
+from streambus.keys import ACKED_EXPIRY_MARK, SwarmKeys
 from streambus.schema import FIELD
 from streambus.store._base import (
     Durability,
@@ -67,7 +67,8 @@ class SignalOps(_StoreBase):
             last, acked = await pipe.execute()
         last_id = last[0][0].decode() if last else "0-0"
         if coordinators is None:
-            return last_id, {k.decode(): v.decode() for k, v in acked.items()}
+            return last_id, {k.decode(): v.decode() for k, v in acked.items()
+                             if k.decode() != ACKED_EXPIRY_MARK}
         return last_id, {c: v.decode() for c, v in zip(coordinators, acked, strict=True) if v}
 
     async def ack_entries(self, keys: SwarmKeys, ack_ids: Sequence[str]) -> list[Entry]:
@@ -98,10 +99,16 @@ class SignalOps(_StoreBase):
         (``WAITAOF 1 0``, Redis >= 7.2 / Valkey); "replicated" that a replica has it
         (``WAIT 1``). Both run on the publish's own connection, as they must.
         """
+        script_keys = [keys.dedupe(signal_id), keys.channel(channel)]
+        script_args = [event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD]
+        if durability == "none":  # one command: no pipeline's overhead on the signal's path
+            async with self._on(keys.prefix) as redis:
+                dup, stream_id = await self._scripts.call(redis, "publish", keys=script_keys,
+                                                          args=script_args)
+            return stream_id.decode(), bool(dup)
+
         def build(pipe: Any) -> None:
-            self._scripts.queue(
-                pipe, "publish", keys=[keys.dedupe(signal_id), keys.channel(channel)],
-                args=[event, self.limits.dedupe_ttl_s, self.limits.channel_retention_ms, FIELD])
+            self._scripts.queue(pipe, "publish", keys=script_keys, args=script_args)
             if durability == "fsync":
                 pipe.execute_command("WAITAOF", 1, 0, durability_timeout_ms)
             elif durability == "replicated":
@@ -117,8 +124,7 @@ class SignalOps(_StoreBase):
         if isinstance(published, BaseException):
             raise translate(published, self._user)
         dup, stream_id = published
-        if durability != "none":
-            _check_durability(durability, replies[1], stream_id.decode(), self._user)
+        _check_durability(durability, replies[1], stream_id.decode(), self._user)
         return stream_id.decode(), bool(dup)
 
     async def _has_waitaof(self, redis: Any) -> bool:
@@ -221,7 +227,7 @@ class SignalOps(_StoreBase):
             # What a group's receipts share (a fan-out: all of them) is sent once.
             heads = [g[0] for g in groups]
             return {
-                "keys": [keys.acks, keys.events, keys.coordinators,
+                "keys": [keys.acks, keys.events,
                          *(k for r in heads for k in (keys.channel(r.channel),
                                                       keys.acked(r.signal_id))),
                          *(keys.state(r.coordinator) for g in groups for r in g)],
