@@ -236,8 +236,8 @@ class SignalOps(_StoreBase):
                          *(a for g in groups for a in (g[0].channel, g[0].signal_id,
                                                        g[0].stream_id, len(g))),
                          *(a for g in groups for r in g
-                           for a in (r.coordinator, r.iteration, r.started_ms, r.key_id,
-                                     r.sig))],
+                           for a in (r.coordinator, int(r.iteration), int(r.started_ms),
+                                     r.key_id, r.sig))],
             }
 
         if len(chunks) == 1:  # the common case, without a pipeline's overhead
