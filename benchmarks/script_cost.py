@@ -27,7 +27,6 @@ package); exits 2 saying so when it is absent.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import functools
 import json
@@ -41,6 +40,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 
@@ -107,7 +107,7 @@ def _measure(steps: Callable[[str], Coroutine[Any, Any, None]]) -> dict[str, int
         out = Path(tmp) / "callgrind.out"
         port = free_port()
         with _under_callgrind(out, port, Path(tmp)):
-            asyncio.run(steps(f"redis://127.0.0.1:{port}/0"))
+            anyio.run(steps, f"redis://127.0.0.1:{port}/0")
         report = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(out)],
                                 capture_output=True, text=True, check=True).stdout
         calls = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--tree=caller",

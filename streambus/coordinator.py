@@ -323,11 +323,10 @@ class Coordinator:
                                        outcome=Outcome.SIGNALED, signal_id=signal.signal_id,
                                        latency_ms=delivery.latency_ms,
                                        trace_id=trace_id_of(signal.trace)))
-        if self.hooks is not None and self.hooks.configured("on_signal_received"):
-            await self.hooks.fire("on_signal_received", SignalReceived(
-                coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
-                signal_id=signal.signal_id, stream_id=outcome.stream_id,
-                started_ms=start.started_ms))
+        await self._fire("on_signal_received", SignalReceived(
+            coordinator=self.id, channel=waiter.channel, iteration=waiter.iteration,
+            signal_id=signal.signal_id, stream_id=outcome.stream_id,
+            started_ms=start.started_ms))
         return delivery
 
     async def _fire(self, name: str, event: Any) -> None:
