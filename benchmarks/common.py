@@ -211,16 +211,18 @@ def throwaway_server(binary: Path) -> Iterator[str]:
             )
         try:
             url = f"redis://127.0.0.1:{port}/0"
-            _await_server(url, process, log_path)
+            await_server(url, process, log_path)
             yield url
         finally:
             _stop_server(process)
 
 
-def _await_server(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def await_server(url: str, process: subprocess.Popen[bytes], log: Path, *,
+                 timeout: float = 10.0) -> None:
+    """Until the server ``process`` answers PING at ``url``; its ``log``'s tail if it never does."""
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
             with contextlib.suppress(redis.RedisError):
                 if client.ping():

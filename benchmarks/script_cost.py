@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ import redis
 import redis.asyncio as aioredis
 
 import streambus
-from benchmarks.common import free_port
+from benchmarks.common import BenchmarkError, await_server, free_port
 from streambus.store import GroupRead, Receipt
 from streambus.testing.servers import server_binaries
 
@@ -67,20 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None or shutil.which("callgrind_annotate") is None:
         print("script_cost needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    n = args.receipts
-    streambus_runs = [_measure(functools.partial(_streambus, n=n, record=record,
-                                                 per_call=args.per_call))
-                      for record in (False, True)]
-    bare_runs = [_measure(functools.partial(_bare, n=n, ack=ack)) for ack in (False, True)]
-    result = {
-        "receipts": n,
-        "receipts_per_call": args.per_call,
-        "receipt_instructions": _per(streambus_runs, "total", n),
-        "receive_script_instructions": _per(streambus_runs, "evalShaCommand", n),
-        "redis_calls_per_receipt": _per(streambus_runs, "VM_CallArgv_calls", n),
-        "bare_xack_instructions": _per(bare_runs, "total", n),
-        "server": str(_binary()),
-    }
+    try:
+        result = _run(args.receipts, args.per_call)
+    except BenchmarkError as exc:
+        print(f"script_cost: {exc}", file=sys.stderr)
+        return 1
     print(f"one receipt costs the server {result['receipt_instructions']:,.0f} instructions "
           f"(the receive script alone: {result['receive_script_instructions']:,.0f}, with "
           f"{result['redis_calls_per_receipt']:.1f} calls to Redis); a bare XACK: "
@@ -92,6 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _run(n: int, per_call: int) -> dict[str, Any]:
+    """Both pairs of runs; the counts per receipt."""
+    streambus_runs = [_measure(functools.partial(_streambus, n=n, record=record,
+                                                 per_call=per_call), scripts=True)
+                      for record in (False, True)]
+    bare_runs = [_measure(functools.partial(_bare, n=n, ack=ack), scripts=False)
+                 for ack in (False, True)]
+    return {
+        "receipts": n,
+        "receipts_per_call": per_call,
+        "receipt_instructions": _per(streambus_runs, "total", n),
+        "receive_script_instructions": _per(streambus_runs, "evalShaCommand", n),
+        "redis_calls_per_receipt": _per(streambus_runs, "VM_CallArgv_calls", n),
+        "bare_xack_instructions": _per(bare_runs, "total", n),
+        "server": str(_binary()),
+    }
+
+
 def _per(runs: list[dict[str, int]], what: str, n: int) -> float:
     without, with_ = runs
     return (with_[what] - without[what]) / n
@@ -101,34 +109,44 @@ def _binary() -> Path:
     return server_binaries()["valkey"]
 
 
-def _measure(steps: Callable[[str], Coroutine[Any, Any, None]]) -> dict[str, int]:
-    """Run ``steps`` against a server under callgrind; its instruction counts."""
+def _measure(steps: Callable[[str], Coroutine[Any, Any, None]], *, scripts: bool
+             ) -> dict[str, int]:
+    """Run ``steps`` against a server under callgrind; its instruction counts (and, when the
+    steps run scripts, the scripts' and their calls to Redis)."""
     with tempfile.TemporaryDirectory(prefix="streambus-cost-") as tmp:
         out = Path(tmp) / "callgrind.out"
         port = free_port()
         with _under_callgrind(out, port, Path(tmp)):
             anyio.run(steps, f"redis://127.0.0.1:{port}/0")
-        report = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(out)],
-                                capture_output=True, text=True, check=True).stdout
-        calls = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--tree=caller",
-                                str(out)], capture_output=True, text=True, check=True).stdout
+        # --threshold=100: every function, not only those making up the first 99 % (a small
+        # one, such as the reply writer, would otherwise come and go between runs).
+        annotate = ["callgrind_annotate", "--inclusive=yes", "--threshold=100"]
+        report = subprocess.run([*annotate, str(out)], capture_output=True, text=True,
+                                check=True).stdout
+        calls = subprocess.run([*annotate, "--tree=caller", str(out)], capture_output=True,
+                               text=True, check=True).stdout
     # Reading, parsing and running commands, and writing their replies; not the server's
     # timers, whose share depends on how long the run took.
-    return {"total": (_count(report, r":readQueryFromClient ")
-                      + _count(report, r":handleClientsWithPendingWrites ")),
-            "evalShaCommand": _count(report, r":evalShaCommand "),
-            "VM_CallArgv_calls": _calls(calls, "VM_CallArgv")}
+    counts = {"total": (_count(report, r":readQueryFromClient ")
+                        + _count(report, r":handleClientsWithPendingWrites "))}
+    if scripts:
+        counts["evalShaCommand"] = _count(report, r":evalShaCommand ")
+        counts["VM_CallArgv_calls"] = _calls(calls, "VM_CallArgv")
+    return counts
 
 
 @contextlib.contextmanager
 def _under_callgrind(out: Path, port: int, directory: Path) -> Iterator[None]:
-    process = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(_binary()),
-         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = directory / "server.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", str(_binary()),
+             "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(directory)],
+            stdout=sink, stderr=sink)
     try:
-        _await_ping(port, process)
+        # valgrind starts the server some 50x slower than it starts on its own
+        await_server(f"redis://127.0.0.1:{port}/0", process, log, timeout=60)
         yield
         client = redis.Redis(port=port)
         with contextlib.suppress(redis.ConnectionError):
@@ -140,20 +158,12 @@ def _under_callgrind(out: Path, port: int, directory: Path) -> Iterator[None]:
             process.wait()
 
 
-def _await_ping(port: int, process: subprocess.Popen[bytes]) -> None:
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
-    deadline = time.monotonic() + 60  # valgrind starts the server some 50x slower
-    while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(redis.RedisError):
-            if client.ping():
-                return
-        time.sleep(0.1)
-    raise RuntimeError("valkey-server under callgrind did not start")
-
-
 def _count(report: str, label: str) -> int:
     match = re.search(r"^\s*([\d,]+) .*" + label, report, re.M)
-    return int(match.group(1).replace(",", "")) if match else 0
+    if match is None:  # a stripped or renamed server would otherwise report zeros
+        raise BenchmarkError(f"callgrind's report names no {label.strip(': ')} "
+                             f"(is {_binary()} stripped of its symbols?)")
+    return int(match.group(1).replace(",", ""))
 
 
 def _calls(tree: str, function: str) -> int:
@@ -168,7 +178,7 @@ def _calls(tree: str, function: str) -> int:
                     total += int(match.group(1).replace(",", ""))
                 j -= 1
             return total
-    return 0
+    raise BenchmarkError(f"callgrind's caller tree names no {function}")
 
 
 async def _streambus(url: str, n: int, *, record: bool, per_call: int) -> None:

@@ -105,3 +105,28 @@ def test_cli_cleanup_json_and_log_file(cli: Cli, bus_args: list[str], tmp_path: 
                                  "retry_streams_removed": 0}]
     [line] = log_file.read_text().splitlines()
     assert json.loads(line)["removed_total"] == 0
+
+
+async def test_a_coordinator_signaled_now_stays_whatever_its_index_says(bus: Bus) -> None:
+    """The receipt leaves the coordinators index alone (one call less per receipt): a wait
+    that began long ago keeps its old index score after a signal arrives now. Cleanup lists
+    it as a candidate by that score and then re-checks the state's ``updated_ms``, which the
+    receipt set, so the coordinator stays."""
+    keys = bus.keys("idx")
+    await bus.publish("idx", "ch", "now")
+    delivery = await bus.wait_for("idx", "c", "ch", timeout=5)
+    raw = bus._store.raw()
+    now = await bus._store.time_ms()
+    state = await bus._store.hgetall(keys.state("c"))
+    assert state["state"] == "signaled"
+    assert now - 5_000 < int(state["updated_ms"]) <= now
+    await raw.zadd(keys.coordinators, {"c": now - HOUR_MS})  # as if it began waiting long ago
+    report = await cleanup(bus, swarm="idx", stale_after=600)
+    assert report.swarms[0].removed == []
+    assert await raw.exists(keys.state("c")) == 1
+    acked = (await bus._store.acks_snapshot(keys, delivery.signal.signal_id))[1]
+    assert acked == {"c": delivery.ack_id}
+    # The same coordinator, its state genuinely an hour old, goes.
+    await raw.hset(keys.state("c"), mapping={"updated_ms": now - HOUR_MS})
+    report = await cleanup(bus, swarm="idx", stale_after=600)
+    assert report.swarms[0].removed == ["c"]
